@@ -1,0 +1,31 @@
+# One command sets everything up and runs: `make demo` (the main job on a built-in
+# example) or `make test` (the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+TORCH := torch==2.13.0
+DEMO_OUT ?= demo_out
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	bash examples/demo.sh $(DEMO_OUT)
+
+bench: $(STAMP)
+	$(BIN)/python bench/preprocess.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,173 @@
+"""Versioned on-disk artifacts: headers, content hashes and atomic writes.
+
+Every artifact hitanno writes carries a *header*: its format name and version, the
+hitanno version and creation time that made it, the parameters used, and the content
+hash of each input. Readers call :func:`check_header` so that an unknown format, a
+newer major version or a mismatched input is refused with a one-line message.
+The formats themselves are documented in ``docs/artifacts.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hitanno_cli import __version__
+from hitanno_cli.errors import UserError
+
+PANEL = "hitanno.panel"
+SENTENCES = "hitanno.sentences"
+MODEL = "hitanno.model"
+CLUSTER_MODEL = "hitanno.cluster_model"
+
+#: The (major, minor) version each format is written with. A reader accepts any
+#: minor version of its major (minor bumps only add fields) and refuses a newer major.
+FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
+    PANEL: (1, 0),
+    SENTENCES: (1, 0),
+    MODEL: (1, 0),
+    CLUSTER_MODEL: (1, 0),
+}
+
+_HASH_BLOCK = 1 << 22
+
+
+def make_header(fmt: str, params: Mapping[str, Any], inputs: Mapping[str, str]) -> dict[str, Any]:
+    """The header every artifact of format ``fmt`` starts with.
+
+    ``inputs`` maps a role ("reference", "panel", ...) to that input's content hash.
+    """
+    major, minor = FORMAT_VERSIONS[fmt]
+    return {
+        "format": fmt,
+        "format_version": f"{major}.{minor}",
+        "hitanno_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "params": dict(params),
+        "inputs": dict(inputs),
+    }
+
+
+def check_header(header: Any, fmt: str, source: str | Path) -> dict[str, Any]:
+    """Validate ``header`` as format ``fmt``; raise :class:`UserError` otherwise."""
+    if not isinstance(header, dict) or "format" not in header:
+        raise UserError(
+            f"{source} is not a hitanno artifact (no format header)",
+            f"pass a file written by hitanno ({fmt})",
+        )
+    if header["format"] != fmt:
+        raise UserError(
+            f"{source} is a '{header['format']}' artifact, not '{fmt}'",
+            "check which file you passed",
+        )
+    try:
+        major = int(str(header["format_version"]).split(".")[0])
+    except (KeyError, ValueError):
+        raise UserError(f"{source} has an unreadable format version", "re-create it") from None
+    supported = FORMAT_VERSIONS[fmt][0]
+    if major > supported:
+        raise UserError(
+            f"{source} is {fmt} version {header['format_version']}, newer than this "
+            f"hitanno {__version__} reads (major {supported})",
+            "upgrade hitanno (pip install -U hitanno) or re-create the artifact",
+        )
+    return header
+
+
+def sha256_file(path: str | Path) -> str:
+    """Content hash of a file, read in blocks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Content hash of a JSON-serialisable object in canonical form."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_lines(items: Any) -> str:
+    """Content hash of a sequence of strings, one per line (e.g. peak names)."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(str(item).encode())
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless ``--overwrite`` was given."""
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"output {path} already exists", "pass --overwrite to replace it")
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` onto ``final``, removing an old ``final`` only at the last moment."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> None:
+    """Write a text file under a temporary name, then rename it into place."""
+    final = Path(path)
+    refuse_existing(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        replace_path(Path(tmp), final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any, overwrite: bool = False) -> None:
+    """Write JSON atomically (pretty-printed: these files are read by people too)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n", overwrite)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Read a JSON artifact, turning a missing or garbled file into a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist", f"pass the path of an existing {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err})", "re-create it") from None
+
+
+@contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary sibling name; rename it into place on success.
+
+    On any error the temporary directory is removed, so no partial artifact is left
+    and an existing output is untouched.
+    """
+    final = Path(path)
+    refuse_existing(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        replace_path(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,43 @@
+"""The ``hitanno`` command line: a Typer app with one subcommand per stage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hitanno_cli import __version__
+from hitanno_cli.commands import preprocess
+
+app = typer.Typer(
+    name="hitanno",
+    help="Annotate cell types in scATAC-seq with a hierarchical transformer (HitAnno), "
+    "and cluster unlabelled cells with an attention autoencoder.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hitanno {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Annotate cell types in scATAC-seq (HitAnno) and cluster unlabelled cells."""
+
+
+app.command("select-peaks")(preprocess.select_peaks_cmd)
+app.command("encode")(preprocess.encode_cmd)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

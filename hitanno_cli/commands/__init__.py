@@ -1,0 +1,1 @@
+"""The subcommands of the ``hitanno`` command line, one module per stage family."""

@@ -1,0 +1,192 @@
+"""Streaming access to ``.h5ad`` files: metadata whole, the count matrix in row chunks.
+
+The count matrix of an atlas does not fit in memory, so nothing here loads it whole:
+:meth:`H5ad.iter_chunks` reads a CSR (or dense) matrix a block of rows at a time
+straight from HDF5. ``obs`` and ``var`` are small and are read whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem
+
+from hitanno_cli.errors import UserError
+
+#: Rows per chunk are chosen so a chunk holds about this many stored entries.
+TARGET_CHUNK_NNZ = 8_000_000
+
+
+class H5ad:
+    """An open ``.h5ad`` file (use as a context manager)."""
+
+    def __init__(self, path: str | Path, layer: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"input {self.path} does not exist", "check the path")
+        if not h5py.is_hdf5(self.path):
+            raise UserError(
+                f"input {self.path} is not an .h5ad file (not HDF5)",
+                "pass an AnnData file written by anndata.write_h5ad",
+            )
+        self._file = h5py.File(self.path, "r")
+        missing = [key for key in ("obs", "var") if key not in self._file]
+        matrix_key = f"layers/{layer}" if layer else "X"
+        if missing or matrix_key not in self._file:
+            self.close()
+            what = ", ".join(missing + ([matrix_key] if matrix_key not in self._file else []))
+            raise UserError(
+                f"input {self.path} is not an AnnData .h5ad file (no {what})",
+                "pass an AnnData file written by anndata.write_h5ad"
+                + (" or a --layer that exists" if layer else ""),
+            )
+        self._matrix = self._file[matrix_key]
+        self._matrix_name = matrix_key
+        self._layout = self._matrix_layout()
+        self._obs: pd.DataFrame | None = None
+        self._var: pd.DataFrame | None = None
+
+    def __enter__(self) -> H5ad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying HDF5 file."""
+        self._file.close()
+
+    # -- shape and metadata ------------------------------------------------------------
+    def _matrix_layout(self) -> str:
+        node = self._matrix
+        if isinstance(node, h5py.Dataset):
+            return "dense"
+        encoding = node.attrs.get("encoding-type", "")
+        if isinstance(encoding, bytes):
+            encoding = encoding.decode()
+        if encoding == "csr_matrix":
+            return "csr"
+        if encoding == "csc_matrix":
+            raise UserError(
+                f"{self.path}: {self._matrix_name} is stored column-major (CSC), which cannot be "
+                "streamed by cells",
+                "rewrite it row-major: adata.X = adata.X.tocsr(); adata.write_h5ad(...)",
+            )
+        raise UserError(
+            f"{self.path}: {self._matrix_name} has an unsupported encoding '{encoding}'",
+            "store counts as a CSR sparse or dense matrix",
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, features) of the count matrix."""
+        if self._layout == "dense":
+            return tuple(int(n) for n in self._matrix.shape)  # type: ignore[return-value]
+        return tuple(int(n) for n in self._matrix.attrs["shape"])  # type: ignore[return-value]
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.shape[1]
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The cell annotations (read once, whole: they are small)."""
+        if self._obs is None:
+            self._obs = read_elem(self._file["obs"])
+        return self._obs
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """The feature annotations (read once, whole)."""
+        if self._var is None:
+            self._var = read_elem(self._file["var"])
+        return self._var
+
+    def obs_names(self) -> np.ndarray:
+        """Cell ids as an array of str."""
+        return np.asarray(self.obs.index.astype(str))
+
+    def var_names(self) -> np.ndarray:
+        """Feature names as an array of str."""
+        return np.asarray(self.var.index.astype(str))
+
+    def labels(self, key: str) -> np.ndarray:
+        """The ``obs[key]`` column as an object array of str, ``None`` where missing."""
+        if key not in self.obs.columns:
+            columns = ", ".join(map(str, self.obs.columns[:20])) or "none"
+            raise UserError(
+                f"label key '{key}' is not a column of obs in {self.path}",
+                f"pass --label-key with one of: {columns}",
+            )
+        column = self.obs[key]
+        out = column.astype(object).to_numpy()
+        missing = pd.isna(column).to_numpy()
+        out = np.array([None if m else str(v) for v, m in zip(out, missing)], dtype=object)
+        return out
+
+    # -- the matrix, streamed -------------------------------------------------------------
+    def default_chunk_rows(self) -> int:
+        """Rows per chunk that keep one chunk near :data:`TARGET_CHUNK_NNZ` entries."""
+        n_obs, n_vars = self.shape
+        if self._layout == "dense":
+            per_row = max(n_vars, 1)
+        else:
+            per_row = max(int(self._matrix["indptr"][-1]) / max(n_obs, 1), 1.0)
+        return int(min(max(TARGET_CHUNK_NNZ // per_row, 256), 200_000))
+
+    def iter_chunks(
+        self, start: int = 0, stop: int | None = None, chunk_rows: int | None = None
+    ) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield ``(first_row, csr_chunk)`` over rows ``[start, stop)`` in row blocks."""
+        stop = self.n_obs if stop is None else stop
+        chunk_rows = chunk_rows or self.default_chunk_rows()
+        for lo in range(start, stop, chunk_rows):
+            hi = min(lo + chunk_rows, stop)
+            yield lo, self.read_rows(lo, hi)
+
+    def read_rows(self, lo: int, hi: int) -> sp.csr_matrix:
+        """Rows ``[lo, hi)`` as a CSR matrix."""
+        if self._layout == "dense":
+            return sp.csr_matrix(self._matrix[lo:hi])
+        indptr = self._matrix["indptr"][lo : hi + 1].astype(np.int64)
+        a, b = int(indptr[0]), int(indptr[-1])
+        data = self._matrix["data"][a:b]
+        indices = self._matrix["indices"][a:b]
+        return sp.csr_matrix((data, indices, indptr - a), shape=(hi - lo, self.n_vars))
+
+
+def check_counts(data: np.ndarray, source: str | Path, first_row: int) -> None:
+    """Refuse negative, NaN/inf or non-integer values where raw counts are expected."""
+    if data.dtype.kind in "iub":
+        if data.dtype.kind == "i" and data.size and data.min() < 0:
+            raise UserError(
+                f"{source} has negative counts (rows from {first_row})",
+                "pass raw counts (non-negative integers), e.g. from adata.raw or a counts layer",
+            )
+        return
+    if not np.all(np.isfinite(data)):
+        raise UserError(
+            f"{source} has NaN or infinite values (rows from {first_row})",
+            "pass raw counts without missing values",
+        )
+    if data.size and data.min() < 0:
+        raise UserError(
+            f"{source} has negative counts (rows from {first_row})",
+            "pass raw counts (non-negative integers), e.g. from adata.raw or a counts layer",
+        )
+    fractional = data != np.floor(data)
+    if fractional.any():
+        example = float(data[np.argmax(fractional)])
+        raise UserError(
+            f"{source} has non-integer values such as {example:g} where counts are expected",
+            "pass raw counts, not normalised data (use --layer if counts are in a layer)",
+        )

@@ -1,0 +1,143 @@
+"""The peak panel: ordered cell types, each with its set of marker peaks (SPEC §1.2).
+
+Written by ``select-peaks`` as JSON, read by ``encode``, ``train`` and ``predict``.
+The panel's identity is the hash of its content, stored in the file and re-checked on
+every read, so an edited or corrupted panel is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hitanno_cli import artifacts
+from hitanno_cli.errors import UserError
+from hitanno_cli.genome import Intervals
+
+
+@dataclass
+class PeakSet:
+    """One cell type's peaks, best first."""
+
+    cell_type: str
+    n_cells: int
+    names: list[str]
+    chrom: list[str | None]
+    start: list[int | None]
+    end: list[int | None]
+    score: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.cell_type,
+            "n_cells": self.n_cells,
+            "peaks": {
+                "name": self.names,
+                "chrom": self.chrom,
+                "start": self.start,
+                "end": self.end,
+                "score": self.score,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> PeakSet:
+        peaks = obj["peaks"]
+        return cls(
+            obj["name"],
+            int(obj["n_cells"]),
+            list(peaks["name"]),
+            list(peaks["chrom"]),
+            list(peaks["start"]),
+            list(peaks["end"]),
+            [float(s) for s in peaks["score"]],
+        )
+
+
+@dataclass
+class Panel:
+    """The ordered peak sets plus the identity of the reference they came from."""
+
+    sets: list[PeakSet]
+    reference_universe: str
+    n_reference_peaks: int
+    header: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cell_types(self) -> list[str]:
+        return [s.cell_type for s in self.sets]
+
+    @property
+    def n_types(self) -> int:
+        return len(self.sets)
+
+    @property
+    def peaks_per_type(self) -> int:
+        return len(self.sets[0].names) if self.sets else 0
+
+    @property
+    def size(self) -> int:
+        """Total panel peaks, ``n_types * peaks_per_type``."""
+        return self.n_types * self.peaks_per_type
+
+    def flat_names(self) -> np.ndarray:
+        """Panel peak names in set order (position ``t * P + j``)."""
+        return np.array([n for s in self.sets for n in s.names], dtype=object)
+
+    def flat_intervals(self) -> Intervals:
+        """Panel peak coordinates in set order; -1 / None where unknown."""
+        chrom = np.array([c for s in self.sets for c in s.chrom], dtype=object)
+        start = np.array([-1 if v is None else v for s in self.sets for v in s.start], np.int64)
+        end = np.array([-1 if v is None else v for s in self.sets for v in s.end], np.int64)
+        return Intervals(chrom, start, end)
+
+    def body(self) -> dict[str, Any]:
+        """The content that the panel hash covers."""
+        return {
+            "reference_peak_universe": self.reference_universe,
+            "n_reference_peaks": self.n_reference_peaks,
+            "peaks_per_type": self.peaks_per_type,
+            "cell_types": [s.to_json() for s in self.sets],
+        }
+
+    @property
+    def content_hash(self) -> str:
+        return artifacts.sha256_json(self.body())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"header": self.header, "content_hash": self.content_hash, "panel": self.body()}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the panel atomically."""
+        artifacts.write_json(path, self.to_json(), overwrite=overwrite)
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str | Path = "panel") -> Panel:
+        """Rebuild and verify a panel from its JSON form."""
+        if not isinstance(obj, dict):
+            raise UserError(f"{source} is not a hitanno panel", "pass a panel.json from select-peaks")
+        header = artifacts.check_header(obj.get("header"), artifacts.PANEL, source)
+        try:
+            body = obj["panel"]
+            panel = cls(
+                [PeakSet.from_json(s) for s in body["cell_types"]],
+                body["reference_peak_universe"],
+                int(body["n_reference_peaks"]),
+                header,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{source} is a damaged panel (missing {err})", "re-create it") from None
+        if panel.content_hash != obj.get("content_hash"):
+            raise UserError(
+                f"{source} is corrupted or was edited: its content does not match its hash",
+                "re-create it with hitanno select-peaks",
+            )
+        return panel
+
+    @classmethod
+    def load(cls, path: str | Path) -> Panel:
+        """Read and verify a panel file."""
+        return cls.from_json(artifacts.read_json(path, "panel"), path)

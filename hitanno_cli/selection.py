@@ -1,0 +1,243 @@
+"""Peak selection (SPEC §1.2): TF-IDF, one-vs-rest Welch t-test, rare types first.
+
+The reference is streamed twice in row chunks: pass 1 sums counts per cell and per
+peak (TF-IDF needs both totals), pass 2 accumulates per-type sums and sums of squares
+of the TF-IDF values. Memory is ``O(n_types × n_peaks)``, whatever the number of cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from hitanno_cli import artifacts, console
+from hitanno_cli.errors import UserError
+from hitanno_cli.genome import peak_intervals
+from hitanno_cli.h5ad import H5ad, check_counts
+from hitanno_cli.panel import Panel, PeakSet
+
+#: The published code keeps this many best-ranked peaks per type as candidates.
+N_CANDIDATES = 6300
+
+
+def published_peaks_per_type(n_types: int) -> int:
+    """``P = int(sqrt(9 / n_types) * 2000)``, sized for a 24 GB GPU (SPEC §1.2.3)."""
+    return int(math.sqrt(9 / n_types) * 2000)
+
+
+def tfidf(counts: sp.csr_matrix, cell_total: np.ndarray, peak_total: np.ndarray, n_cells: int) -> sp.csr_matrix:
+    """TF-IDF as published: ``log(1 + 1e4 · (count / cell_total) · (n_cells / peak_total))``.
+
+    ``cell_total`` are the row sums of ``counts``' rows, ``peak_total`` the column sums
+    over the whole reference (not just this chunk).
+    """
+    counts = counts.tocsr()
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    tf = counts.data.astype(np.float64) / cell_total[rows]
+    idf = n_cells / peak_total[counts.indices]
+    values = np.log1p(1e4 * tf * idf)
+    return sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape)
+
+
+def welch_t(
+    sums: np.ndarray, sumsq: np.ndarray, n_per_type: np.ndarray
+) -> np.ndarray:
+    """One-vs-rest Welch t statistics, ``[n_types, n_peaks]``, from per-type moments.
+
+    The statistic ``scanpy.tl.rank_genes_groups(method="t-test")`` computes: sample
+    variances (ddof 1), ``(m_g - m_r) / sqrt(v_g / n_g + v_r / n_r)``, NaN set to 0.
+    """
+    n_g = n_per_type.astype(np.float64)[:, None]
+    n_total = n_g.sum()
+    n_r = n_total - n_g
+    sums_r = sums.sum(axis=0, keepdims=True) - sums
+    sumsq_r = sumsq.sum(axis=0, keepdims=True) - sumsq
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_g, mean_r = sums / n_g, sums_r / n_r
+        var_g = np.maximum(sumsq - n_g * mean_g**2, 0.0) / (n_g - 1)
+        var_r = np.maximum(sumsq_r - n_r * mean_r**2, 0.0) / (n_r - 1)
+        scores = (mean_g - mean_r) / np.sqrt(var_g / n_g + var_r / n_r)
+    scores[~np.isfinite(scores)] = 0.0
+    return scores
+
+
+def rare_first_sets(
+    scores: np.ndarray,
+    n_per_type: np.ndarray,
+    peaks_per_type: int,
+    n_candidates: int = N_CANDIDATES,
+    names: Sequence[str] | None = None,
+) -> tuple[list[int], list[np.ndarray]]:
+    """Assign each type ``peaks_per_type`` distinct peaks, rarest type first.
+
+    Returns the visiting order of types and, in that order, each type's peak indices
+    (best first). A type takes its best-ranked candidates (top ``n_candidates`` by
+    score) that no earlier type took; if those run out it continues down its ranking.
+    """
+    n_types, n_peaks = scores.shape
+    if peaks_per_type * n_types > n_peaks:
+        raise UserError(
+            f"{n_types} types × {peaks_per_type} peaks per type needs {peaks_per_type * n_types} "
+            f"distinct peaks but the reference has {n_peaks}",
+            f"pass --peaks-per-type {n_peaks // n_types} or less",
+        )
+    order = sorted(range(n_types), key=lambda t: (int(n_per_type[t]), t))
+    taken = np.zeros(n_peaks, dtype=bool)
+    sets = []
+    for t in order:
+        ranking = np.lexsort((np.arange(n_peaks), -scores[t]))  # best first, ties by index
+        free = ranking[~taken[ranking]]
+        chosen = free[:peaks_per_type]
+        if n_candidates and np.count_nonzero(~taken[ranking[:n_candidates]]) < peaks_per_type:
+            console.warn(
+                f"type {names[t] if names else t} ran out of its {n_candidates} candidate "
+                "peaks; filled from lower-ranked peaks"
+            )
+        taken[chosen] = True
+        sets.append(chosen)
+    return order, sets
+
+
+@dataclass
+class ReferenceMoments:
+    """What pass 1 and pass 2 learn from the reference."""
+
+    n_per_type: np.ndarray
+    sums: np.ndarray
+    sumsq: np.ndarray
+
+
+def type_codes(labels: np.ndarray, types: Sequence[str]) -> np.ndarray:
+    """Integer code of each cell's type in ``types``; -1 for cells left out."""
+    index = {name: i for i, name in enumerate(types)}
+    return np.array([index.get(lab, -1) if lab is not None else -1 for lab in labels], np.int64)
+
+
+def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int | None = None) -> ReferenceMoments:
+    """Stream the reference twice and return per-type TF-IDF sums and sums of squares."""
+    n_peaks = h5.n_vars
+    keep = codes >= 0
+    n_cells = int(keep.sum())
+    cell_total = np.zeros(h5.n_obs, dtype=np.float64)
+    peak_total = np.zeros(n_peaks, dtype=np.float64)
+    with console.progress("select-peaks: totals", h5.n_obs) as bar:
+        for lo, chunk in h5.iter_chunks(chunk_rows=chunk_rows):
+            check_counts(chunk.data, h5.path, lo)
+            rows = keep[lo : lo + chunk.shape[0]]
+            cell_total[lo : lo + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
+            peak_total += np.asarray(chunk[rows].sum(axis=0)).ravel()
+            bar.advance(chunk.shape[0])
+    sums = np.zeros(n_types * n_peaks, dtype=np.float64)
+    sumsq = np.zeros(n_types * n_peaks, dtype=np.float64)
+    with console.progress("select-peaks: t-test", h5.n_obs) as bar:
+        for lo, chunk in h5.iter_chunks(chunk_rows=chunk_rows):
+            chunk_codes = codes[lo : lo + chunk.shape[0]]
+            rows = np.flatnonzero(chunk_codes >= 0)
+            values = tfidf(chunk[rows], cell_total[lo + rows], peak_total, n_cells)
+            row_of = np.repeat(chunk_codes[rows], np.diff(values.indptr))
+            flat = row_of * n_peaks + values.indices
+            sums += np.bincount(flat, weights=values.data, minlength=sums.size)
+            sumsq += np.bincount(flat, weights=values.data**2, minlength=sumsq.size)
+            bar.advance(chunk.shape[0])
+    n_per_type = np.bincount(codes[keep], minlength=n_types)
+    return ReferenceMoments(n_per_type, sums.reshape(n_types, n_peaks), sumsq.reshape(n_types, n_peaks))
+
+
+def choose_types(
+    labels: np.ndarray, min_cells: int, exclude: Sequence[str], source: str | Path
+) -> tuple[list[str], dict[str, int]]:
+    """The cell types to build sets for, refusing types with too few cells."""
+    present = [lab for lab in labels if lab is not None]
+    names, counts = np.unique(np.array(present, dtype=str), return_counts=True)
+    sizes = {str(n): int(c) for n, c in zip(names, counts)}
+    unknown = sorted(set(exclude) - set(sizes))
+    if unknown:
+        raise UserError(
+            f"--exclude-types names types not in the reference: {', '.join(unknown)}",
+            "check the spelling against the label column",
+        )
+    types = [t for t in sizes if t not in set(exclude)]
+    small = sorted(t for t in types if sizes[t] < min_cells)
+    if small:
+        listed = ", ".join(f"{t} ({sizes[t]})" for t in small)
+        raise UserError(
+            f"cell types with fewer than --min-cells {min_cells} cells in {source}: {listed}",
+            "drop them with --exclude-types or lower --min-cells",
+        )
+    if len(types) < 2:
+        raise UserError(
+            f"{source} has {len(types)} usable cell type(s); a panel needs at least 2",
+            "check --label-key and --exclude-types",
+        )
+    return types, sizes
+
+
+def select_peaks(
+    reference: str | Path,
+    label_key: str,
+    peaks_per_type: int | None = None,
+    min_cells: int = 10,
+    exclude_types: Sequence[str] = (),
+    n_candidates: int = N_CANDIDATES,
+    layer: str | None = None,
+    chunk_rows: int | None = None,
+) -> Panel:
+    """Build the peak panel of a labelled reference ``.h5ad`` (SPEC §1.2)."""
+    with H5ad(reference, layer=layer) as h5:
+        labels = h5.labels(label_key)
+        types, sizes = choose_types(labels, min_cells, exclude_types, reference)
+        names = h5.var_names()
+        if len(set(names)) != len(names):
+            dup = next(n for n, c in zip(*np.unique(names, return_counts=True)) if c > 1)
+            raise UserError(
+                f"{reference} has duplicate peak names (e.g. '{dup}')",
+                "make var_names unique (adata.var_names_make_unique()) before selecting peaks",
+            )
+        dropped = sum(1 for lab in labels if lab is None)
+        if dropped:
+            console.warn(f"{dropped} cells have no '{label_key}' label and are left out")
+        codes = type_codes(labels, types)
+        formula = published_peaks_per_type(len(types))
+        if peaks_per_type is None:
+            peaks_per_type = min(formula, h5.n_vars // len(types))
+            if peaks_per_type < formula:
+                console.info(
+                    f"published size P = {formula} peaks per type exceeds the {h5.n_vars} "
+                    f"reference peaks; using P = {peaks_per_type}"
+                )
+        if peaks_per_type < 1:
+            raise UserError("--peaks-per-type must be at least 1", "pass a positive number")
+        moments = reference_moments(h5, codes, len(types), chunk_rows)
+        scores = welch_t(moments.sums, moments.sumsq, moments.n_per_type)
+        order, chosen = rare_first_sets(scores, moments.n_per_type, peaks_per_type, n_candidates, types)
+        coords = peak_intervals(names, h5.var)
+        universe = artifacts.sha256_lines(names)
+        inputs = {"reference": artifacts.sha256_file(reference)}
+        n_vars = h5.n_vars
+    sets = [
+        PeakSet(
+            types[t],
+            sizes[types[t]],
+            [str(names[p]) for p in idx],
+            [coords.chrom[p] for p in idx],
+            [int(coords.start[p]) if coords.start[p] >= 0 else None for p in idx],
+            [int(coords.end[p]) if coords.end[p] >= 0 else None for p in idx],
+            [round(float(scores[t, p]), 6) for p in idx],
+        )
+        for t, idx in zip(order, chosen)
+    ]
+    params = {
+        "label_key": label_key,
+        "peaks_per_type": peaks_per_type,
+        "min_cells": min_cells,
+        "exclude_types": sorted(exclude_types),
+        "n_candidates": n_candidates,
+        "layer": layer,
+    }
+    header = artifacts.make_header(artifacts.PANEL, params, inputs)
+    return Panel(sets, universe, n_vars, header)

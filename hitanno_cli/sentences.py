@@ -1,0 +1,416 @@
+"""Cell sentences (SPEC §1.3): every cell's open/closed state at each panel peak.
+
+A cell's sentence is a ``[n_types, P]`` matrix of 0/1 states. The store keeps it
+bit-packed (8 states per byte, little bit order, set ``t`` peak ``j`` at bit
+``t * P + j``) in a zarr v3 array chunked by cells and zstd-compressed, next to cell
+ids, labels, and a SHA-256 of every chunk that readers verify as they stream.
+
+``encode`` reads the ``.h5ad`` in row chunks, so memory is bounded by one chunk. With
+``--shard I/N``, N processes fill disjoint, chunk-aligned ranges of one staging store;
+the last to finish assembles it, so the result equals a single-process encode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.errors import ContainsArrayError
+
+from hitanno_cli import artifacts, console
+from hitanno_cli.errors import UserError
+from hitanno_cli.genome import overlap_pairs, peak_intervals
+from hitanno_cli.h5ad import H5ad, check_counts
+from hitanno_cli.panel import Panel
+
+#: Target raw bytes per zarr chunk of packed states.
+CHUNK_BYTES = 1 << 22
+
+
+# -- matching the data's peaks to the panel ---------------------------------------------
+@dataclass
+class PeakMatch:
+    """Which panel positions each data column lights up (a CSR map: column → positions)."""
+
+    indptr: np.ndarray  # [n_columns + 1]
+    targets: np.ndarray  # panel positions, grouped by column
+    n_panel: int
+    by_name: int
+    by_overlap: int
+
+    @property
+    def found(self) -> int:
+        """Panel peaks matched by at least one data column."""
+        return int(np.unique(self.targets).size)
+
+    @property
+    def coverage(self) -> float:
+        return self.found / self.n_panel if self.n_panel else 0.0
+
+    @classmethod
+    def from_pairs(cls, columns: np.ndarray, targets: np.ndarray, n_columns: int, n_panel: int,
+                   by_name: int, by_overlap: int) -> PeakMatch:
+        order = np.lexsort((targets, columns))
+        columns, targets = columns[order], targets[order]
+        indptr = np.zeros(n_columns + 1, dtype=np.int64)
+        np.cumsum(np.bincount(columns, minlength=n_columns), out=indptr[1:])
+        return cls(indptr, targets.astype(np.int64), n_panel, by_name, by_overlap)
+
+
+def match_panel(panel: Panel, names: np.ndarray, var: Any) -> PeakMatch:
+    """Match panel peaks to data columns: by name first, then by genomic overlap."""
+    panel_names = panel.flat_names()
+    column_of = {str(n): i for i, n in enumerate(names)}
+    by_name = np.array([column_of.get(str(n), -1) for n in panel_names], dtype=np.int64)
+    named = by_name >= 0
+    columns, targets = [by_name[named]], [np.flatnonzero(named)]
+    n_overlap = 0
+    if not named.all():
+        panel_iv = panel.flat_intervals()
+        unmatched = np.flatnonzero(~named)
+        data_iv = peak_intervals(names, var)
+        sub = type(panel_iv)(panel_iv.chrom[unmatched], panel_iv.start[unmatched], panel_iv.end[unmatched])
+        q, t = overlap_pairs(data_iv, sub)
+        columns.append(q)
+        targets.append(unmatched[t])
+        n_overlap = int(np.unique(t).size)
+    return PeakMatch.from_pairs(
+        np.concatenate(columns), np.concatenate(targets), len(names), panel.size,
+        int(named.sum()), n_overlap,
+    )
+
+
+def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.ndarray:
+    """Bit-packed sentences ``[rows, n_bytes]`` of a chunk of raw counts."""
+    counts = counts.tocsr()
+    n_rows = counts.shape[0]
+    positive = counts.data > 0
+    cols = counts.indices[positive]
+    rows = np.repeat(np.arange(n_rows), np.diff(counts.indptr))[positive]
+    fan = match.indptr[cols + 1] - match.indptr[cols]
+    rows = np.repeat(rows, fan)
+    offsets = np.arange(fan.sum()) - np.repeat(np.cumsum(fan) - fan, fan)
+    targets = match.targets[np.repeat(match.indptr[cols], fan) + offsets]
+    dense = np.zeros((n_rows, n_bytes * 8), dtype=bool)
+    dense[rows, targets] = True
+    return np.packbits(dense, axis=1, bitorder="little")
+
+
+def chunk_cells_for(n_bytes: int) -> int:
+    """Cells per zarr chunk: about :data:`CHUNK_BYTES`, a multiple of 256."""
+    cells = CHUNK_BYTES // max(n_bytes, 1)
+    return int(min(max(cells // 256 * 256, 256), 16384))
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` → ``(I, N)`` with ``0 <= I < N`` (SLURM: ``$SLURM_ARRAY_TASK_ID/N``)."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard '{text}' is not of the form I/N", "e.g. --shard 0/8") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: I must be in 0..N-1", f"use 0/{n} to {n - 1}/{n}")
+    return i, n
+
+
+# -- writing ----------------------------------------------------------------------------
+@dataclass
+class EncodeJob:
+    """Everything one encode process needs, checked before anything is written."""
+
+    data: Path
+    out: Path
+    panel: Panel
+    match: PeakMatch
+    label_key: str | None
+    shard: tuple[int, int]
+    overwrite: bool
+    params: dict[str, Any]
+
+    @property
+    def staging(self) -> Path:
+        return self.out.parent / f".{self.out.name}.partial"
+
+
+def encode(
+    data: str | Path,
+    panel_path: str | Path,
+    out: str | Path,
+    label_key: str | None = None,
+    min_coverage: float = 0.5,
+    shard: str | None = None,
+    overwrite: bool = False,
+    layer: str | None = None,
+) -> Path | None:
+    """Write the cell sentences of ``data`` through the panel; return the store if final.
+
+    With a shard, returns ``None`` unless this process was the one that assembled it.
+    """
+    data, out = Path(data), Path(out)
+    artifacts.refuse_existing(out, overwrite)
+    panel = Panel.load(panel_path)
+    with H5ad(data, layer=layer) as h5:
+        names = h5.var_names()
+        if len(set(names)) != len(names):
+            dup = next(n for n, c in zip(*np.unique(names, return_counts=True)) if c > 1)
+            raise UserError(
+                f"{data} has duplicate peak names (e.g. '{dup}')",
+                "make var_names unique (adata.var_names_make_unique()) before encoding",
+            )
+        if label_key is not None:
+            h5.labels(label_key)  # refuse a missing key before any work
+        match = match_panel(panel, names, h5.var)
+        console.info(
+            f"encode: {match.found}/{match.n_panel} panel peaks found in {data.name} "
+            f"({match.by_name} by name, {match.by_overlap} by overlap; coverage {match.coverage:.3f})"
+        )
+        if match.coverage < min_coverage:
+            raise UserError(
+                f"only {match.found} of {match.n_panel} panel peaks ({match.coverage:.1%}) are "
+                f"in {data}, below --min-coverage {min_coverage}",
+                "check that data and reference use the same genome build and peak coordinates",
+            )
+        params = {"label_key": label_key, "min_coverage": min_coverage, "layer": layer}
+        job = EncodeJob(data, out, panel, match, label_key, parse_shard(shard), overwrite, params)
+        return _run_job(job, h5)
+
+
+def _run_job(job: EncodeJob, h5: H5ad) -> Path | None:
+    i, n = job.shard
+    staging = job.staging
+    if n == 1 and staging.exists():
+        shutil.rmtree(staging)
+    group = _open_staging(job, h5)
+    try:
+        _write_shard(job, h5, group)
+        (staging / "shards").mkdir(exist_ok=True)
+        artifacts.atomic_write_text(staging / "shards" / f"{i}.done", "", overwrite=True)
+        if len(list((staging / "shards").glob("*.done"))) < n:
+            console.info(f"encode: shard {i}/{n} done; the last shard assembles {job.out}")
+            return None
+        try:
+            os.mkdir(staging / "finalizing")
+        except FileExistsError:
+            return None
+        _finalize(job, h5, group)
+        return job.out
+    except BaseException as err:
+        if n == 1:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            (staging / "failed").write_text(f"shard {i}/{n}: {err}\n")
+        raise
+
+
+def _plan(job: EncodeJob) -> dict[str, Any]:
+    stat = job.data.stat()
+    return {
+        "data": str(job.data.resolve()),
+        "data_size": stat.st_size,
+        "data_mtime_ns": stat.st_mtime_ns,
+        "panel": job.panel.content_hash,
+        "params": job.params,
+        "n_shards": job.shard[1],
+    }
+
+
+def _open_staging(job: EncodeJob, h5: H5ad) -> zarr.Group:
+    """Create (or join, for another shard) the staging store with its arrays."""
+    staging = job.staging
+    staging.mkdir(parents=True, exist_ok=True)
+    plan = _plan(job)
+    plan_file = staging / "plan.json"
+    try:
+        with open(plan_file, "x") as handle:
+            json.dump(plan, handle)
+    except FileExistsError:
+        if json.loads(plan_file.read_text() or "{}") != plan:
+            raise UserError(
+                f"{staging} holds a partial encode with other inputs or shard count",
+                f"remove {staging} and rerun every shard",
+            ) from None
+    if (staging / "failed").exists():
+        raise UserError(
+            f"another shard of this encode failed ({(staging / 'failed').read_text().strip()})",
+            f"fix the input, remove {staging} and rerun every shard",
+        )
+    n_bytes = (job.panel.size + 7) // 8
+    chunk = chunk_cells_for(n_bytes)
+    n_chunks = -(-h5.n_obs // chunk)
+    group = zarr.open_group(staging, mode="a", zarr_format=3)
+    specs = {
+        "bits": dict(shape=(h5.n_obs, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
+                     compressors=ZstdCodec(level=3), fill_value=0),
+        "bits_sha256": dict(shape=(n_chunks, 32), chunks=(max(n_chunks, 1), 32), dtype="uint8",
+                            compressors=None, fill_value=0),
+    }
+    for name, spec in specs.items():
+        try:
+            group.create_array(name, **spec)
+        except ContainsArrayError:
+            pass
+    return group
+
+
+def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
+    """Encode this shard's chunk-aligned range of cells."""
+    bits = group["bits"]
+    chunk = bits.chunks[0]
+    n_chunks = -(-h5.n_obs // chunk)
+    i, n = job.shard
+    first, last = i * n_chunks // n, (i + 1) * n_chunks // n
+    lo, hi = first * chunk, min(last * chunk, h5.n_obs)
+    digests = np.zeros((last - first, 32), dtype=np.uint8)
+    with console.progress(f"encode {job.data.name}", hi - lo) as bar:
+        for k, (row, counts) in enumerate(h5.iter_chunks(lo, hi, chunk_rows=chunk)):
+            check_counts(counts.data, job.data, row)
+            packed = pack_states(counts, job.match, bits.shape[1])
+            bits[row : row + packed.shape[0]] = packed
+            digests[k] = np.frombuffer(hashlib.sha256(packed.tobytes()).digest(), np.uint8)
+            bar.advance(packed.shape[0])
+    (job.staging / "digests").mkdir(exist_ok=True)
+    np.save(job.staging / "digests" / f"{i}.npy", digests)
+
+
+def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
+    """Assemble the staging store: digests, ids, labels, header; rename into place."""
+    staging = job.staging
+    n_shards = job.shard[1]
+    digests = np.concatenate([np.load(staging / "digests" / f"{i}.npy") for i in range(n_shards)])
+    group["bits_sha256"][:] = digests
+    ids = h5.obs_names()
+    group.create_array("cell_ids", shape=ids.shape, chunks=(65536,), dtype=str)[:] = ids
+    content = hashlib.sha256(digests.tobytes())
+    content.update(artifacts.sha256_lines(ids).encode())
+    label_info = None
+    if job.label_key is not None:
+        labels = np.array(["" if v is None else v for v in h5.labels(job.label_key)], dtype=str)
+        group.create_array("labels", shape=labels.shape, chunks=(65536,), dtype=str)[:] = labels
+        content.update(artifacts.sha256_lines(labels).encode())
+        label_info = {"key": job.label_key, "missing": int((labels == "").sum())}
+    inputs = {"data": artifacts.sha256_file(job.data), "panel": job.panel.content_hash}
+    group.attrs["hitanno"] = {
+        "header": artifacts.make_header(artifacts.SENTENCES, job.params, inputs),
+        "content_hash": "sha256:" + content.hexdigest(),
+        "n_cells": h5.n_obs,
+        "cell_types": job.panel.cell_types,
+        "peaks_per_type": job.panel.peaks_per_type,
+        "panel_hash": job.panel.content_hash,
+        "coverage": {"found": job.match.found, "of": job.match.n_panel,
+                     "by_name": job.match.by_name, "by_overlap": job.match.by_overlap},
+        "labels": label_info,
+    }
+    for name in ("plan.json", "shards", "digests", "finalizing", "failed"):
+        path = staging / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if job.out.exists() and not job.overwrite:
+        raise UserError(f"output {job.out} already exists", "pass --overwrite to replace it")
+    artifacts.replace_path(staging, job.out)
+    console.info(f"encode: wrote {h5.n_obs} cells to {job.out}")
+
+
+# -- reading ----------------------------------------------------------------------------
+class SentenceStore:
+    """A finished sentence store, opened read-only and verified as it is read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise UserError(f"sentence store {self.path} does not exist", "create it with hitanno encode")
+        try:
+            self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
+            meta = dict(self._group.attrs)["hitanno"]
+        except Exception:
+            raise UserError(f"{self.path} is not a hitanno sentence store", "create it with hitanno encode") from None
+        artifacts.check_header(meta.get("header"), artifacts.SENTENCES, self.path)
+        self.meta = meta
+        self._bits = self._group["bits"]
+        self._digests = self._group["bits_sha256"][:]
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.meta["n_cells"])
+
+    @property
+    def cell_types(self) -> list[str]:
+        return list(self.meta["cell_types"])
+
+    @property
+    def peaks_per_type(self) -> int:
+        return int(self.meta["peaks_per_type"])
+
+    @property
+    def panel_hash(self) -> str:
+        return str(self.meta["panel_hash"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    @property
+    def chunk_cells(self) -> int:
+        return int(self._bits.chunks[0])
+
+    def check_panel(self, panel_hash: str) -> None:
+        """Refuse a store that was written through another panel."""
+        if panel_hash != self.panel_hash:
+            raise UserError(
+                f"{self.path} was encoded with another panel ({self.panel_hash[:19]}…, "
+                f"expected {panel_hash[:19]}…)",
+                "re-encode the data with the model's panel",
+            )
+
+    def cell_ids(self) -> np.ndarray:
+        """Cell ids as an object array of str."""
+        return self._group["cell_ids"][:].astype(object)
+
+    def labels(self) -> np.ndarray | None:
+        """Labels as an object array of str (``""`` where missing); None if encoded without."""
+        if "labels" not in self._group:
+            return None
+        return self._group["labels"][:].astype(object)
+
+    def read_packed(self, lo: int, hi: int) -> np.ndarray:
+        """Packed states of cells ``[lo, hi)``; whole chunks read are checked by hash."""
+        chunk = self.chunk_cells
+        c0, c1 = lo // chunk, -(-hi // chunk)
+        block = self._bits[c0 * chunk : min(c1 * chunk, self.n_cells)]
+        for c in range(c0, c1):
+            part = block[(c - c0) * chunk : (c - c0 + 1) * chunk]
+            if hashlib.sha256(np.ascontiguousarray(part).tobytes()).digest() != self._digests[c].tobytes():
+                raise UserError(
+                    f"{self.path} is corrupted: chunk {c} does not match its hash",
+                    "re-create the store with hitanno encode",
+                )
+        return block[lo - c0 * chunk : hi - c0 * chunk]
+
+    def read_dense(self, lo: int, hi: int) -> np.ndarray:
+        """States of cells ``[lo, hi)`` as bool ``[cells, n_types, P]``."""
+        n_types, p = len(self.cell_types), self.peaks_per_type
+        bits = np.unpackbits(self.read_packed(lo, hi), axis=1, count=n_types * p, bitorder="little")
+        return bits.reshape(hi - lo, n_types, p).astype(bool)
+
+    def read_open(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Open panel positions of cells ``[lo, hi)`` as CSR ``(indptr, positions)``."""
+        dense = self.read_dense(lo, hi).reshape(hi - lo, -1)
+        rows, positions = np.nonzero(dense)
+        indptr = np.zeros(hi - lo + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=hi - lo), out=indptr[1:])
+        return indptr, positions.astype(np.int64)
+
+    def iter_chunks(self) -> Iterator[tuple[int, int]]:
+        """``(lo, hi)`` cell ranges aligned with the store's chunks."""
+        for lo in range(0, self.n_cells, self.chunk_cells):
+            yield lo, min(lo + self.chunk_cells, self.n_cells)
