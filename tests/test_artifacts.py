@@ -1,0 +1,65 @@
+"""Artifact headers, version checks and atomic writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from hitanno_cli import __version__, artifacts
+from hitanno_cli.errors import UserError
+
+
+def test_header_round_trip_records_version_params_inputs() -> None:
+    header = artifacts.make_header(artifacts.PANEL, {"a": 1}, {"reference": "sha256:x"})
+    assert header["format"] == artifacts.PANEL
+    assert header["hitanno_version"] == __version__
+    assert header["params"] == {"a": 1} and header["inputs"] == {"reference": "sha256:x"}
+    assert artifacts.check_header(header, artifacts.PANEL, "p") is header
+
+
+def test_newer_major_version_is_refused_but_newer_minor_is_read() -> None:
+    header = artifacts.make_header(artifacts.PANEL, {}, {})
+    header["format_version"] = "1.7"
+    artifacts.check_header(header, artifacts.PANEL, "p")
+    header["format_version"] = "2.0"
+    with pytest.raises(UserError, match="newer than this hitanno"):
+        artifacts.check_header(header, artifacts.PANEL, "p")
+
+
+def test_wrong_or_missing_format_is_refused() -> None:
+    with pytest.raises(UserError, match="not a hitanno artifact"):
+        artifacts.check_header({"x": 1}, artifacts.PANEL, "p")
+    header = artifacts.make_header(artifacts.SENTENCES, {}, {})
+    with pytest.raises(UserError, match="not 'hitanno.panel'"):
+        artifacts.check_header(header, artifacts.PANEL, "p")
+
+
+def test_atomic_dir_leaves_nothing_on_failure_and_keeps_old_output(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "keep.txt").read_text() == "old"
+
+
+def test_atomic_writes_refuse_existing_without_overwrite(tmp_path) -> None:
+    path = tmp_path / "a.json"
+    artifacts.write_json(path, {"v": 1})
+    with pytest.raises(UserError, match="--overwrite"):
+        artifacts.write_json(path, {"v": 2})
+    artifacts.write_json(path, {"v": 2}, overwrite=True)
+    assert artifacts.read_json(path, "x") == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_content_hashes_are_stable_and_sensitive(tmp_path) -> None:
+    assert artifacts.sha256_json({"a": 1, "b": 2}) == artifacts.sha256_json({"b": 2, "a": 1})
+    assert artifacts.sha256_json({"a": 1}) != artifacts.sha256_json({"a": 2})
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    assert artifacts.sha256_file(f) == (
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )

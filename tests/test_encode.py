@@ -1,0 +1,126 @@
+"""Cell sentences: exact states, overlap matching, sharding and corruption checks."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from hitanno_cli.errors import UserError
+from hitanno_cli.panel import Panel
+from hitanno_cli.sentences import SentenceStore, encode
+
+from conftest import run_cli
+
+
+def _expected_states(h5ad_path: Path, panel: Panel) -> np.ndarray:
+    """Sentences computed directly: dense counts, panel columns by name."""
+    adata = ad.read_h5ad(h5ad_path)
+    column = {n: i for i, n in enumerate(adata.var_names)}
+    idx = [column[n] for n in panel.flat_names()]
+    dense = adata.X.toarray()[:, idx] > 0
+    return dense.reshape(adata.n_obs, panel.n_types, panel.peaks_per_type)
+
+
+def test_encode_matches_direct_computation_and_keeps_labels(small_pair, small_panel, tmp_path) -> None:
+    ref, query = small_pair
+    out = tmp_path / "q.zarr"
+    result = run_cli("encode", str(query), "-p", str(small_panel), "-o", str(out), "-l", "cell_type")
+    assert result.exit_code == 0, result.stderr
+    panel = Panel.load(small_panel)
+    store = SentenceStore(out)
+    assert store.n_cells == 250 and store.cell_types == panel.cell_types
+    assert store.panel_hash == panel.content_hash
+    np.testing.assert_array_equal(store.read_dense(0, store.n_cells), _expected_states(query, panel))
+    adata = ad.read_h5ad(query)
+    assert store.labels().tolist() == adata.obs["cell_type"].astype(str).tolist()
+    assert store.cell_ids().tolist() == adata.obs_names.tolist()
+    indptr, positions = store.read_open(10, 30)
+    dense = store.read_dense(10, 30).reshape(20, -1)
+    assert indptr[-1] == dense.sum() and set(positions[indptr[3] : indptr[4]]) == set(np.flatnonzero(dense[3]))
+    assert store.meta["coverage"]["found"] == panel.size
+
+
+def test_query_with_other_peak_names_is_matched_by_overlap(small_pair, small_panel, tmp_path) -> None:
+    ref, query = small_pair
+    adata = ad.read_h5ad(query)
+    # same peaks, shifted by 50 bp and renamed chr_start_end, with no var coordinates
+    shifted = [f"{c}_{s + 50}_{e + 50}" for c, s, e in zip(adata.var["chrom"], adata.var["start"], adata.var["end"])]
+    renamed = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var.iloc[:, :0].set_axis(shifted))
+    renamed_path = tmp_path / "renamed.h5ad"
+    renamed.write_h5ad(renamed_path)
+    encode(query, small_panel, tmp_path / "a.zarr")
+    encode(renamed_path, small_panel, tmp_path / "b.zarr")
+    a, b = SentenceStore(tmp_path / "a.zarr"), SentenceStore(tmp_path / "b.zarr")
+    np.testing.assert_array_equal(a.read_dense(0, a.n_cells), b.read_dense(0, b.n_cells))
+    assert b.meta["coverage"]["by_overlap"] == Panel.load(small_panel).size
+    assert b.labels() is None
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_sharded_encode_is_byte_identical_to_single_process(small_pair, small_panel, tmp_path, monkeypatch) -> None:
+    import hitanno_cli.sentences as sentences
+
+    monkeypatch.setattr(sentences, "CHUNK_BYTES", 64 * 25)  # 256-cell chunks: several per shard
+    ref, _ = small_pair
+    single = tmp_path / "single.zarr"
+    encode(ref, small_panel, single, label_key="cell_type")
+    sharded = tmp_path / "sharded.zarr"
+    returned = [encode(ref, small_panel, sharded, label_key="cell_type", shard=f"{i}/3") for i in (2, 0, 1)]
+    assert returned == [None, None, sharded]  # the last shard to finish assembles the store
+    assert _tree(single) == _tree(sharded)
+    for name in _tree(single):
+        if name != "zarr.json":
+            assert filecmp.cmp(single / name, sharded / name, shallow=False), name
+    meta = [json.loads((p / "zarr.json").read_text())["attributes"]["hitanno"] for p in (single, sharded)]
+    for m in meta:
+        m["header"].pop("created")
+    assert meta[0] == meta[1]
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_concurrent_shard_processes_build_one_store(small_pair, small_panel, tmp_path) -> None:
+    ref, _ = small_pair
+    out = tmp_path / "conc.zarr"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "hitanno_cli", "encode", str(ref), "-p", str(small_panel),
+                          "-o", str(out), "--shard", f"{i}/2", "-q"], env=env, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    encode(ref, small_panel, tmp_path / "one.zarr")
+    a, b = SentenceStore(out), SentenceStore(tmp_path / "one.zarr")
+    assert a.content_hash == b.content_hash
+
+
+def test_corrupted_chunk_is_detected(small_pair, small_panel, tmp_path) -> None:
+    out = tmp_path / "s.zarr"
+    encode(small_pair[1], small_panel, out)
+    store = SentenceStore(out)
+    digests = store._group["bits_sha256"]
+    bad = digests[:]
+    bad[0, 0] ^= 0xFF
+    import zarr
+
+    zarr.open_group(out, mode="a")["bits_sha256"][:] = bad
+    with pytest.raises(UserError, match="corrupted"):
+        SentenceStore(out).read_dense(0, 10)
+
+
+def test_store_panel_mismatch_is_refused(small_pair, small_panel, tmp_path) -> None:
+    out = tmp_path / "s.zarr"
+    encode(small_pair[1], small_panel, out)
+    with pytest.raises(UserError, match="another panel"):
+        SentenceStore(out).check_panel("sha256:0000")
