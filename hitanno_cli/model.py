@@ -1,0 +1,410 @@
+"""The HitAnno hierarchical transformer (SPEC §1.4) and its exact sparse level-1 path.
+
+A cell is ``n_types`` peak sets of ``P`` peaks each, every peak closed or open. Level 1
+encodes each ``[set token, P peak tokens]`` sequence (weights shared across sets) and
+keeps the set token's output as the set's summary; level 2 encodes ``[CLS, summaries]``
+and keeps CLS as the cell embedding; a two-layer head gives the logits.
+
+Inputs are sparse: ``indptr [B+1]`` and ``positions [nnz]`` list each cell's *open*
+panel positions ``t * P + j`` (what :meth:`SentenceStore.read_open` returns).
+
+Two level-1 paths compute the same function:
+
+* **dense** — the textbook encoder over every token of every set, attention through
+  :func:`torch.nn.functional.scaled_dot_product_attention` (or ``flash-attn``);
+  it serves any number of level-1 layers and is the reference the tests compare with.
+* **sparse** — with one level-1 layer only the set token's output is used, and its
+  query, and every peak's key and value for either state, do not depend on the cell.
+  So a cell's set-token attention is the all-closed cell's attention corrected by a sum
+  over its open peaks only; the cost per cell follows its open peaks, not ``n_types·P²``.
+
+Design decisions (see ``docs/model.md``): the token embedding is
+``LayerNorm(identity[p] + state[s])`` (BERT's embedding LayerNorm) with no position
+embedding (a peak's identity already fixes its place in the set) and no embedding
+dropout (it would make every cell's keys random and the sparse path inexact); set
+tokens get the same LayerNorm. Hidden dropout sits where BERT has it (after the
+attention output projection and after the feed-forward); attention-probability dropout
+is 0 on both paths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hitanno_cli.errors import UserError
+
+ATTENTION_CHOICES = ("auto", "sparse", "dense", "flash")
+
+#: BERT's LayerNorm epsilon.
+LAYER_NORM_EPS = 1e-12
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- configuration ------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Every size of the model; the defaults are the published ones (SPEC §1.4)."""
+
+    n_types: int
+    peaks_per_type: int
+    embed_dim: int = 128
+    level1_heads: int = 16
+    level1_ff: int = 128
+    level1_layers: int = 1
+    level2_heads: int = 16
+    level2_ff: int = 128
+    level2_layers: int = 1
+    head_hidden: int = 64
+    dropout: float = 0.1
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse sizes the model cannot be built with."""
+        for name in ("n_types", "peaks_per_type", "embed_dim", "level1_heads", "level1_ff",
+                     "level1_layers", "level2_heads", "level2_ff", "level2_layers", "head_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"model option {name} must be a positive integer, got {value!r}",
+                                f"set {name} to 1 or more")
+        for heads in ("level1_heads", "level2_heads"):
+            if self.embed_dim % getattr(self, heads):
+                raise UserError(f"embed_dim {self.embed_dim} is not divisible by {heads} "
+                                f"{getattr(self, heads)}", "choose a head count that divides embed_dim")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}", "pass e.g. --dropout 0.1")
+        if self.attention not in ATTENTION_CHOICES:
+            raise UserError(f"unknown attention {self.attention!r}",
+                            f"choose one of {', '.join(ATTENTION_CHOICES)}")
+        if self.attention == "sparse" and self.level1_layers != 1:
+            raise UserError(f"sparse attention needs exactly one level-1 layer, got {self.level1_layers}",
+                            "use --attention dense (or auto) for deeper level-1 stacks")
+
+    @property
+    def level1_path(self) -> str:
+        """The level-1 computation actually used: ``"sparse"``, ``"dense"`` or ``"flash"``."""
+        if self.attention == "auto":
+            return "sparse" if self.level1_layers == 1 else "dense"
+        return self.attention
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (stored in model artifacts)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Rebuild a config; unknown keys are refused (they mean a different model)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown model config keys: {', '.join(unknown)}",
+                            "the model was written by a newer hitanno; upgrade hitanno")
+        missing = sorted(name for name in ("n_types", "peaks_per_type") if name not in d)
+        if missing:
+            raise UserError(f"model config lacks {', '.join(missing)}", "re-train the model")
+        return cls(**d)
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass returns."""
+
+    logits: torch.Tensor  # [B, n_types]
+    embedding: torch.Tensor  # [B, embed_dim], level-2 CLS output
+    level1_attention: torch.Tensor | None = None  # [B, n_types, P], set token → peaks
+    level2_attention: torch.Tensor | None = None  # [B, n_types + 1, n_types + 1], 0 = CLS
+
+
+# -- attention kernels --------------------------------------------------------------------
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused attention ``[N, H, S, d]`` (flash / memory-efficient kernels on GPU)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def flash_unavailable_reason() -> str | None:
+    """Why ``--attention flash`` cannot run here, or None if it can."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install flash-attn)"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA GPU and none is available"
+    return None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention through ``flash_attn.flash_attn_func`` (CUDA, half precision)."""
+    if not q.is_cuda:
+        raise UserError("--attention flash needs the model on a CUDA device",
+                        "run on a GPU or use --attention sparse/dense")
+    from flash_attn import flash_attn_func
+
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    out = flash_attn_func(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Explicit ``softmax(q kᵀ / √d)`` ``[N, H, Sq, Sk]``, at least float32 (for explanations)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.softmax(dim=-1)
+
+
+# -- building blocks ----------------------------------------------------------------------
+class EncoderLayer(nn.Module):
+    """A post-LayerNorm BERT layer: self-attention, residual, LN; GELU FFN, residual, LN."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.attn_out = nn.Linear(dim, dim)
+        self.attn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ff_in = nn.Linear(dim, ff)
+        self.ff_out = nn.Linear(ff, dim)
+        self.ff_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(dropout)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, S, D]`` → ``[N, H, S, D/H]``."""
+        n, s, d = x.shape
+        return x.view(n, s, self.heads, d // self.heads).transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Everything after attention: output projection, residuals, LayerNorms, FFN."""
+        h = self.attn_norm(x + self.dropout(self.attn_out(context)))
+        return self.ff_norm(h + self.dropout(self.ff_out(F.gelu(self.ff_in(h)))))
+
+    def forward(self, x: torch.Tensor, attend: AttentionFn, first_only: bool = False,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode ``x [N, S, D]``; ``first_only`` computes only token 0's output ``[N, 1, D]``.
+
+        With ``need_weights`` also return token 0's (or, if not ``first_only``, every
+        token's) attention probabilities ``[N, H, Sq, S]``.
+        """
+        queries = x[:, :1] if first_only else x
+        q = self.split_heads(self.query(queries))
+        k = self.split_heads(self.key(x))
+        v = self.split_heads(self.value(x))
+        context = attend(q, k, v).transpose(1, 2).reshape(queries.shape)
+        weights = attention_weights(q, k) if need_weights else None
+        return self.finish(queries, context), weights
+
+
+class TokenEmbedding(nn.Module):
+    """Peak tokens ``LN(identity[p] + state[s])`` and set tokens ``LN(set[t])``."""
+
+    def __init__(self, n_types: int, peaks_per_type: int, dim: int) -> None:
+        super().__init__()
+        self.identity = nn.Embedding(n_types * peaks_per_type, dim)
+        self.state = nn.Embedding(2, dim)
+        self.set_token = nn.Embedding(n_types, dim)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        for table in (self.identity, self.state, self.set_token):
+            nn.init.normal_(table.weight, std=0.02)
+
+    def peak_tokens(self) -> torch.Tensor:
+        """Both normalised token vectors of every panel peak, ``[2, T*P, D]`` (closed, open)."""
+        return self.norm(self.identity.weight[None] + self.state.weight[:, None])
+
+    def set_tokens(self) -> torch.Tensor:
+        """The normalised set token of every cell type, ``[T, D]``."""
+        return self.norm(self.set_token.weight)
+
+
+def cell_of_entries(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """For CSR ``indptr``, the row (cell) index of each of its ``nnz`` entries."""
+    counts = indptr[1:] - indptr[:-1]
+    rows = torch.arange(counts.numel(), device=indptr.device)
+    return torch.repeat_interleave(rows, counts, output_size=nnz)
+
+
+def dense_states(indptr: torch.Tensor, positions: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """CSR open positions → boolean ``[B, n_positions]`` states (True = open)."""
+    states = torch.zeros(indptr.numel() - 1, n_positions, dtype=torch.bool, device=positions.device)
+    states[cell_of_entries(indptr, positions.numel()), positions] = True
+    return states
+
+
+def check_open_positions(indptr: torch.Tensor, positions: torch.Tensor, n_positions: int) -> None:
+    """Refuse a malformed CSR batch (wrong dtype, lengths, or positions off the panel)."""
+    if indptr.dim() != 1 or positions.dim() != 1 or indptr.numel() < 1:
+        raise UserError("open positions must be 1-d CSR tensors (indptr [B+1], positions [nnz])",
+                        "pass what SentenceStore.read_open returns")
+    if indptr.dtype != torch.long or positions.dtype != torch.long:
+        raise UserError("indptr and positions must be int64 tensors", "convert with .long()")
+    if int(indptr[0]) != 0 or int(indptr[-1]) != positions.numel():
+        raise UserError(f"indptr spans {int(indptr[-1]) - int(indptr[0])} entries but there are "
+                        f"{positions.numel()} positions", "pass a consistent CSR pair")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n_positions):
+        raise UserError(f"open positions must lie in [0, {n_positions})",
+                        "encode the data through this model's panel")
+
+
+# -- the model ----------------------------------------------------------------------------
+class HitAnno(nn.Module):
+    """Hierarchical transformer: peak sets → set summaries → cell embedding → logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        if config.level1_path == "flash":
+            reason = flash_unavailable_reason()
+            if reason:
+                raise UserError(f"--attention flash is unavailable: {reason}",
+                                "use --attention auto (sparse) or dense")
+        self.config = config
+        d, p = config.embed_dim, config.dropout
+        self.embed = TokenEmbedding(config.n_types, config.peaks_per_type, d)
+        self.level1 = nn.ModuleList(EncoderLayer(d, config.level1_heads, config.level1_ff, p)
+                                    for _ in range(config.level1_layers))
+        self.cls = nn.Parameter(torch.randn(d) * 0.02)
+        self.level2 = nn.ModuleList(EncoderLayer(d, config.level2_heads, config.level2_ff, p)
+                                    for _ in range(config.level2_layers))
+        self.head = nn.Sequential(nn.Linear(d, config.head_hidden), nn.ReLU(),
+                                  nn.Linear(config.head_hidden, config.n_types))
+        self.level1_attend: AttentionFn = flash_attention if config.level1_path == "flash" else sdpa_attention
+
+    @property
+    def n_positions(self) -> int:
+        """Panel positions per cell, ``n_types * P``."""
+        return self.config.n_types * self.config.peaks_per_type
+
+    def forward(self, indptr: torch.Tensor, positions: torch.Tensor,
+                return_attention: bool = False) -> ModelOutput:
+        """Logits and embeddings of the cells whose open positions are given in CSR form.
+
+        ``indptr``: LongTensor ``[B+1]``; ``positions``: LongTensor ``[nnz]`` of open
+        panel positions ``t * P + j`` per cell, exactly what ``SentenceStore.read_open``
+        returns. ``return_attention`` adds both levels' head-averaged attention.
+        """
+        check_open_positions(indptr, positions, self.n_positions)
+        if self.config.level1_path == "sparse":
+            summaries, attn1 = self.sparse_level1(indptr, positions, return_attention)
+        else:
+            summaries, attn1 = self.dense_level1(indptr, positions, return_attention)
+        embedding, attn2 = self.encode_level2(summaries, return_attention)
+        return ModelOutput(self.head(embedding), embedding, attn1, attn2)
+
+    # level 1, dense ----------------------------------------------------------------------
+    def dense_level1(self, indptr: torch.Tensor, positions: torch.Tensor,
+                     need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summaries ``[B, T, D]`` by running every level-1 layer over all tokens."""
+        t, p = self.config.n_types, self.config.peaks_per_type
+        b = indptr.numel() - 1
+        states = dense_states(indptr, positions, self.n_positions).view(b * t, p, 1)
+        closed, open_ = self.embed.peak_tokens().view(2, 1, t, p, -1).expand(2, b, t, p, -1).reshape(
+            2, b * t, p, -1)
+        peaks = torch.where(states, open_, closed)
+        sets = self.embed.set_tokens().expand(b, t, -1).reshape(b * t, 1, -1)
+        x = torch.cat([sets, peaks], dim=1)
+        weights = None
+        for i, layer in enumerate(self.level1):
+            last = i == len(self.level1) - 1
+            x, weights = layer(x, self.level1_attend, first_only=last, need_weights=last and need_weights)
+        attn = None
+        if weights is not None:
+            attn = weights[:, :, 0, 1:].mean(dim=1).view(b, t, p)
+        return x[:, 0].view(b, t, -1), attn
+
+    # level 1, sparse ---------------------------------------------------------------------
+    def sparse_level1(self, indptr: torch.Tensor, positions: torch.Tensor,
+                      need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summaries ``[B, T, D]`` from the set-token attention corrected by open peaks only.
+
+        Per set ``t`` and head ``h``: ``Z = Z_closed + Σ_open (e1 − e0)`` and
+        ``N = N_closed + Σ_open (e1·V1 − e0·V0)``, ``context = N / Z``, where
+        ``e_s,p = exp(q_t·K_s,p/√d − m_t,h)``; everything but the two sums over open
+        peaks is computed once per call for the whole panel.
+        """
+        panel = self.panel_attention_terms()
+        t, p = self.config.n_types, self.config.peaks_per_type
+        b = indptr.numel() - 1
+        rows = cell_of_entries(indptr, positions.numel()) * t + torch.div(positions, p, rounding_mode="floor")
+        z = panel.z_closed.repeat(b, 1).index_add(0, rows, panel.dz[positions])
+        n = panel.n_closed.repeat(b, 1).index_add(0, rows, panel.dn[positions])
+        heads = z.shape[-1]
+        context = (n.view(b * t, heads, -1) / z.unsqueeze(-1)).view(b, t, -1)
+        layer = self.level1[0]
+        sets = panel.set_tokens.expand(b, t, -1)
+        summaries = layer.finish(sets, context.to(sets.dtype))
+        attn = None
+        if need_weights:
+            states = dense_states(indptr, positions, self.n_positions).view(b, t * p, 1)
+            e = torch.where(states, panel.e_open, panel.e_closed)  # [B, T*P, H]
+            attn = (e.view(b, t, p, -1) / z.view(b, t, 1, -1)).mean(dim=-1)
+        return summaries, attn
+
+    def panel_attention_terms(self) -> PanelTerms:
+        """The cell-independent quantities of the sparse path, for the whole panel."""
+        layer = self.level1[0]
+        t, p = self.config.n_types, self.config.peaks_per_type
+        h = self.config.level1_heads
+        with torch.autocast(device_type=self.cls.device.type, enabled=False):
+            sets = self.embed.set_tokens()  # [T, D]
+            peaks = self.embed.peak_tokens()  # [2, T*P, D]
+            d = sets.shape[-1] // h
+            scale = 1.0 / math.sqrt(d)
+            q = layer.query(sets).view(t, h, d)
+            # q·K without forming K: logits = x · (W_kᵀ q) + b_k·q, per set and head
+            w_k = layer.key.weight.view(h, d, -1)
+            folded = torch.einsum("thd,hde->the", q, w_k) * scale  # [T, H, D]
+            bias = (layer.key.bias.view(1, h, d) * q).sum(-1) * scale  # [T, H]
+            logits = torch.einsum("stpe,the->stph", peaks.view(2, t, p, -1), folded) + bias[None, :, None]
+            self_logit = torch.einsum("te,the->th", sets, folded) + bias  # [T, H]
+            m = torch.maximum(logits.amax(dim=(0, 2)), self_logit).detach()
+            e = torch.exp(logits - m[None, :, None])  # [2, T, P, H]
+            e_self = torch.exp(self_logit - m)
+            v = layer.value(peaks).view(2, t, p, h, d)
+            v_self = layer.value(sets).view(t, h, d)
+            z_closed = e_self + e[0].sum(dim=1)
+            n_closed = e_self.unsqueeze(-1) * v_self + torch.einsum("tph,tphd->thd", e[0], v[0])
+            ev = e.unsqueeze(-1) * v
+            return PanelTerms(
+                set_tokens=sets,
+                z_closed=z_closed,
+                n_closed=n_closed.reshape(t, h * d),
+                dz=(e[1] - e[0]).reshape(t * p, h),
+                dn=(ev[1] - ev[0]).reshape(t * p, h * d),
+                e_closed=e[0].reshape(t * p, h),
+                e_open=e[1].reshape(t * p, h),
+            )
+
+    # level 2 -----------------------------------------------------------------------------
+    def encode_level2(self, summaries: torch.Tensor,
+                      need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cell embeddings ``[B, D]`` from ``[CLS, summaries]``; the last layer computes CLS only."""
+        b = summaries.shape[0]
+        x = torch.cat([self.cls.to(summaries.dtype).expand(b, 1, -1), summaries], dim=1)
+        weights = None
+        for i, layer in enumerate(self.level2):
+            last = i == len(self.level2) - 1
+            x, weights = layer(x, sdpa_attention, first_only=last and not need_weights,
+                               need_weights=last and need_weights)
+        attn = weights.mean(dim=1) if weights is not None else None
+        return x[:, 0], attn
+
+
+@dataclass
+class PanelTerms:
+    """Cell-independent sparse-path quantities: closed sums and per-peak open−closed deltas."""
+
+    set_tokens: torch.Tensor  # [T, D]
+    z_closed: torch.Tensor  # [T, H]
+    n_closed: torch.Tensor  # [T, D] (heads × head dim)
+    dz: torch.Tensor  # [T*P, H]
+    dn: torch.Tensor  # [T*P, D]
+    e_closed: torch.Tensor  # [T*P, H]
+    e_open: torch.Tensor  # [T*P, H]
