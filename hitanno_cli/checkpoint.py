@@ -1,0 +1,168 @@
+"""Model checkpoints and resumable training state, as safetensors and JSON only.
+
+A trained model is a directory::
+
+    model/model.safetensors   weights; metadata: header, model config, class names,
+                              panel hash, training parameters (all JSON strings)
+    model/panel.json          a copy of the panel, verified against that hash on load
+    model/metrics.jsonl       one line per epoch
+    model/train_config.json   the training options, for people and for --resume
+
+Nothing here unpickles: a model file from someone else cannot run code.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from hitanno_cli import artifacts
+from hitanno_cli.errors import UserError
+from hitanno_cli.model import HitAnno, ModelConfig
+from hitanno_cli.panel import Panel
+
+WEIGHTS = "model.safetensors"
+PANEL = "panel.json"
+METRICS = "metrics.jsonl"
+TRAIN_CONFIG = "train_config.json"
+RESUME = "resume"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to predict, with everything its checkpoint says about itself."""
+
+    model: HitAnno
+    config: ModelConfig
+    class_names: list[str]
+    panel: Panel
+    header: dict[str, Any]
+    content_hash: str  # of model.safetensors, recorded in what is made with it
+
+
+def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights as independent CPU tensors, without a DistributedDataParallel prefix."""
+    inner = getattr(model, "module", model)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in inner.state_dict().items()}
+
+
+def save_model(directory: Path, model: torch.nn.Module, config: ModelConfig, class_names: list[str],
+               panel: Panel, params: dict[str, Any], inputs: dict[str, str]) -> None:
+    """Write ``model.safetensors`` (weights + metadata) and ``panel.json`` into ``directory``."""
+    header = artifacts.make_header(artifacts.MODEL, params, inputs)
+    metadata = {
+        "header": json.dumps(header),
+        "config": json.dumps(config.to_dict()),
+        "class_names": json.dumps(class_names),
+        "panel_hash": panel.content_hash,
+    }
+    save_file(plain_state(model), str(directory / WEIGHTS), metadata=metadata)
+    panel.save(directory / PANEL, overwrite=True)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata dict of a safetensors file (no tensors read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})", "re-create it with hitanno train") from None
+
+
+def load_model(directory: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a trained model directory, checking its format, version and panel."""
+    directory = Path(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        hint = " (it holds an interrupted run: finish it with hitanno train --resume)" if (directory / RESUME).is_dir() else ""
+        raise UserError(f"model {directory} has no {WEIGHTS}{hint}", "pass a directory written by hitanno train")
+    meta = read_metadata(weights)
+    try:
+        header = json.loads(meta["header"])
+    except (KeyError, json.JSONDecodeError):
+        header = None
+    header = artifacts.check_header(header, artifacts.MODEL, weights)
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["config"]))
+        class_names = list(json.loads(meta["class_names"]))
+        panel_hash = meta["panel_hash"]
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise UserError(f"{weights} has damaged metadata ({err})", "re-create it with hitanno train") from None
+    panel = Panel.load(directory / PANEL)
+    if panel.content_hash != panel_hash:
+        raise UserError(f"{directory / PANEL} is not the panel {weights} was trained with",
+                        "restore the panel.json written by hitanno train")
+    model = HitAnno(config)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, SafetensorError) as err:
+        raise UserError(f"{weights} does not match its model config ({str(err).splitlines()[0]})",
+                        "re-create it with hitanno train") from None
+    model.to(device).eval()
+    return LoadedModel(model, config, class_names, panel, header, artifacts.sha256_file(weights))
+
+
+# -- resumable state -------------------------------------------------------------------------
+def encode_bytes(tensor: torch.Tensor) -> str:
+    """A uint8 tensor (an RNG state) as base64 text for JSON."""
+    return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+
+def decode_bytes(text: str) -> torch.Tensor:
+    """Inverse of :func:`encode_bytes`."""
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state into flat tensors (``optim.<param>.<key>``) and JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Rebuild an optimiser state from :func:`optimizer_tensors`' two halves."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in info["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Write ``resume/state.safetensors`` and ``resume/state.json`` atomically."""
+    with artifacts.atomic_dir(directory / RESUME, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        artifacts.write_json(tmp / "state.json", state)
+
+
+def load_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the resumable state of an interrupted run in ``directory``."""
+    resume = directory / RESUME
+    if not (resume / "state.json").is_file() or not (resume / "state.safetensors").is_file():
+        raise UserError(f"{directory} holds no resumable state ({RESUME}/ is missing)",
+                        "run hitanno train without --resume")
+    state = artifacts.read_json(resume / "state.json", "resume state")
+    try:
+        tensors = load_file(str(resume / "state.safetensors"))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{resume / 'state.safetensors'} is unreadable ({err})", "start over with --overwrite") from None
+    return tensors, state

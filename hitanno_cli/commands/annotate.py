@@ -1,0 +1,113 @@
+"""``train``, ``predict`` and ``explain``: from cell sentences to annotated cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hitanno_cli import console
+from hitanno_cli.commands.common import Overwrite, Quiet, command
+
+Device = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu or cuda:N.")]
+Gpu = Annotated[Optional[int], typer.Option("--gpu", help="Shorthand for --device cuda:N.")]
+Model = Annotated[Path, typer.Option("--model", "-m", help="Model directory written by hitanno train.")]
+
+
+@command
+def train_cmd(
+    sentences: Annotated[Path, typer.Option("--sentences", "-s", help="Labelled reference store from encode -l.")],
+    panel: Annotated[Path, typer.Option("--panel", "-p", help="The panel the store was encoded with.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")],
+    epochs: Annotated[int, typer.Option(help="Maximum epochs; the learning rate reaches 0 at the last.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Cells per batch (per process under torchrun).")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 1e-4,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.")] = 3.0,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
+    val_fraction: Annotated[float, typer.Option(help="Stratified share held out for validation (0: none).")] = 0.25,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation loss.")] = 3,
+    min_epochs: Annotated[int, typer.Option(help="Never stop early before this epoch.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the split, initial weights, data order and dropout.")] = 42,
+    class_weight: Annotated[str, typer.Option(help="none, or balanced (weights ∝ 1/class size) for rare types.")] = "none",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it), fp32 or bf16.")] = "auto",
+    embed_dim: Annotated[int, typer.Option(help="Embedding size.")] = 128,
+    heads: Annotated[int, typer.Option(help="Attention heads at both levels.")] = 16,
+    ff: Annotated[int, typer.Option(help="Feed-forward size at both levels.")] = 128,
+    level1_layers: Annotated[int, typer.Option(help="Encoder layers within sets.")] = 1,
+    level2_layers: Annotated[int, typer.Option(help="Encoder layers across sets.")] = 1,
+    head_hidden: Annotated[int, typer.Option(help="Hidden size of the classification head.")] = 64,
+    dropout: Annotated[float, typer.Option(help="Hidden-state dropout.")] = 0.1,
+    attention: Annotated[str, typer.Option(help="Level-1 attention: auto, sparse, dense or flash.")] = "auto",
+    buffer_cells: Annotated[int, typer.Option(help="Cells held in memory by the shuffle buffer.")] = 200_000,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output.")] = False,
+    device: Device = "auto",
+    gpu: Gpu = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train HitAnno on a labelled sentence store (SPEC §1.5 schedule). Ctrl-C saves a resumable state."""
+    from hitanno_cli.training import Interrupted, TrainOptions, train
+
+    model = {"embed_dim": embed_dim, "level1_heads": heads, "level1_ff": ff, "level1_layers": level1_layers,
+             "level2_heads": heads, "level2_ff": ff, "level2_layers": level2_layers, "head_hidden": head_hidden,
+             "dropout": dropout, "attention": attention}
+    options = TrainOptions(epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, weight_decay=weight_decay,
+                           batch_size=batch_size, val_fraction=val_fraction, patience=patience,
+                           min_epochs=min_epochs, seed=seed, class_weight=class_weight, precision=precision,
+                           buffer_cells=buffer_cells, model=model)
+    try:
+        train(sentences, panel, output, options, device=device, gpu=gpu, resume=resume, overwrite=overwrite)
+    except Interrupted as stop:
+        console.stderr.print(f"[yellow]{stop}[/yellow]")
+        raise typer.Exit(128 + int(stop.signum)) from None
+
+
+@command
+def predict_cmd(
+    model: Model,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for predictions.csv, "
+                                         "probabilities.zarr and embeddings.zarr.")],
+    sentences: Annotated[Optional[Path], typer.Option("--sentences", "-s", help="Query store encoded with "
+                                                      "the model's panel.")] = None,
+    h5ad: Annotated[Optional[Path], typer.Option("--h5ad", help="Query .h5ad (raw counts), encoded on the fly "
+                                                 "through the model's panel.")] = None,
+    label_key: Annotated[Optional[str], typer.Option("--label-key", "-l", help="obs column with known labels "
+                                                     "(h5ad), copied to predictions.csv.")] = None,
+    min_confidence: Annotated[float, typer.Option(help="Call cells Unassigned below this probability "
+                                                  "(0: never).")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Cells per batch (bounds memory).")] = 256,
+    min_coverage: Annotated[float, typer.Option(help="Refuse an h5ad holding less than this share of "
+                                                "the panel's peaks.")] = 0.5,
+    layer: Annotated[Optional[str], typer.Option(help="Read h5ad counts from this layer instead of X.")] = None,
+    device: Device = "auto",
+    gpu: Gpu = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Annotate query cells with a trained model (streamed in batches)."""
+    from hitanno_cli.prediction import predict
+
+    predict(model, output, sentences, h5ad, label_key, batch_size, min_confidence, device, gpu,
+            min_coverage, layer, overwrite)
+
+
+@command
+def explain_cmd(
+    model: Model,
+    sentences: Annotated[Path, typer.Option("--sentences", "-s", help="Store encoded with the model's panel.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for attention tables and heatmaps.")],
+    top_peaks: Annotated[int, typer.Option(help="Peaks listed per set and predicted type.")] = 20,
+    max_cells: Annotated[Optional[int], typer.Option(help="Use a random sample of this many cells.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-cells sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 128,
+    device: Device = "auto",
+    gpu: Gpu = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Mean attention per predicted cell type: top peaks per set (level 1), set-to-set (level 2)."""
+    from hitanno_cli.explain import explain
+
+    explain(model, sentences, output, top_peaks, max_cells, batch_size, seed, device, gpu, overwrite)
+
