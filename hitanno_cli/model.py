@@ -46,6 +46,11 @@ ATTENTION_CHOICES = ("auto", "sparse", "dense", "flash")
 #: BERT's LayerNorm epsilon.
 LAYER_NORM_EPS = 1e-12
 
+#: A sparse-path row whose ``Z_closed + Σ_open e0`` exceeds this multiple of its ``Z``
+#: would lose more than ~1e-6 relative precision (float32) to cancellation; such rows
+#: are recomputed directly.
+CANCELLATION_LIMIT = 16.0
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -333,19 +338,63 @@ class HitAnno(nn.Module):
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
         rows = cell_of_entries(indptr, positions.numel()) * t + torch.div(positions, p, rounding_mode="floor")
-        z = panel.z_closed.repeat(b, 1).index_add(0, rows, panel.dz[positions])
-        n = panel.n_closed.repeat(b, 1).index_add(0, rows, panel.dn[positions])
-        heads = z.shape[-1]
-        context = (n.view(b * t, heads, -1) / z.unsqueeze(-1)).view(b, t, -1)
-        layer = self.level1[0]
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            z = panel.z_closed.repeat(b, 1).index_add(0, rows, panel.dz[positions])  # [B*T, H]
+            n = panel.n_closed.repeat(b, 1).index_add(0, rows, panel.dn[positions])  # [B*T, D]
+            ill = self.ill_conditioned_rows(panel, z, rows, positions)
+            z = torch.where(ill.unsqueeze(-1), torch.ones_like(z), z)
+            context = n.view(b * t, z.shape[-1], -1) / z.unsqueeze(-1)
+            if bool(ill.any()):
+                context = self.exact_rows(panel, context, ill, rows, positions)
         sets = panel.set_tokens.expand(b, t, -1)
-        summaries = layer.finish(sets, context.to(sets.dtype))
-        attn = None
-        if need_weights:
-            states = dense_states(indptr, positions, self.n_positions).view(b, t * p, 1)
-            e = torch.where(states, panel.e_open, panel.e_closed)  # [B, T*P, H]
-            attn = (e.view(b, t, p, -1) / z.view(b, t, 1, -1)).mean(dim=-1)
+        summaries = self.level1[0].finish(sets, context.reshape(b, t, -1).to(sets.dtype))
+        attn = self.sparse_attention_map(panel, indptr, positions) if need_weights else None
         return summaries, attn
+
+    @staticmethod
+    def ill_conditioned_rows(panel: PanelTerms, z: torch.Tensor, rows: torch.Tensor,
+                             positions: torch.Tensor) -> torch.Tensor:
+        """(cell, set) rows whose ``Z`` lost precision to ``Z_closed − Σ_open e0`` cancellation.
+
+        Such a row's open peaks held almost all of the closed-state attention mass (or
+        its own mass underflowed the shared stabiliser); it is recomputed exactly.
+        """
+        with torch.no_grad():
+            removed = torch.zeros_like(z).index_add(0, rows, panel.e_closed[positions])
+            cancelled = panel.z_closed.repeat(z.shape[0] // panel.z_closed.shape[0], 1) + removed
+            return ((cancelled > CANCELLATION_LIMIT * z) | ~(z > 0)).any(dim=-1)
+
+    def exact_rows(self, panel: PanelTerms, context: torch.Tensor, ill: torch.Tensor,
+                   rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Replace the ``ill`` rows of ``context [B*T, H, d]`` by a direct softmax over their set."""
+        t, p = self.config.n_types, self.config.peaks_per_type
+        ill_rows = ill.nonzero().squeeze(1)
+        slot = torch.full_like(ill, -1, dtype=torch.long)
+        slot[ill_rows] = torch.arange(ill_rows.numel(), device=ill.device)
+        entry_slot = slot[rows]
+        picked = entry_slot >= 0
+        states = torch.zeros(ill_rows.numel(), p, dtype=torch.bool, device=ill.device)
+        states[entry_slot[picked], positions[picked] % p] = True
+        sets = ill_rows % t
+        logits = torch.where(states.unsqueeze(-1), panel.logits[1, sets], panel.logits[0, sets])  # [R, P, H]
+        scores = torch.cat([panel.self_logit[sets].unsqueeze(1), logits], dim=1).softmax(dim=1)
+        v_closed, v_open = panel.values[0, sets], panel.values[1, sets]  # [R, P, H, d]
+        peak_weights = scores[:, 1:]
+        exact = (scores[:, 0].unsqueeze(-1) * panel.self_value[sets]
+                 + torch.einsum("rph,rphd->rhd", peak_weights, v_closed)
+                 + torch.einsum("rph,rphd->rhd", peak_weights * states.unsqueeze(-1), v_open - v_closed))
+        return context.index_put((ill_rows,), exact)
+
+    def sparse_attention_map(self, panel: PanelTerms, indptr: torch.Tensor,
+                             positions: torch.Tensor) -> torch.Tensor:
+        """Set-token → peak attention ``[B, T, P]`` (mean over heads), densely for a small batch."""
+        t, p = self.config.n_types, self.config.peaks_per_type
+        b = indptr.numel() - 1
+        states = dense_states(indptr, positions, self.n_positions).view(b, t, p, 1)
+        logits = torch.where(states, panel.logits[1], panel.logits[0])  # [B, T, P, H]
+        own = panel.self_logit.expand(b, t, -1).unsqueeze(2)
+        scores = torch.cat([own, logits], dim=2).softmax(dim=2)
+        return scores[:, :, 1:].mean(dim=-1)
 
     def panel_attention_terms(self) -> PanelTerms:
         """The cell-independent quantities of the sparse path, for the whole panel."""
@@ -379,7 +428,10 @@ class HitAnno(nn.Module):
                 dz=(e[1] - e[0]).reshape(t * p, h),
                 dn=(ev[1] - ev[0]).reshape(t * p, h * d),
                 e_closed=e[0].reshape(t * p, h),
-                e_open=e[1].reshape(t * p, h),
+                logits=logits,
+                self_logit=self_logit,
+                values=v,
+                self_value=v_self,
             )
 
     # level 2 -----------------------------------------------------------------------------
@@ -407,4 +459,7 @@ class PanelTerms:
     dz: torch.Tensor  # [T*P, H]
     dn: torch.Tensor  # [T*P, D]
     e_closed: torch.Tensor  # [T*P, H]
-    e_open: torch.Tensor  # [T*P, H]
+    logits: torch.Tensor  # [2, T, P, H] set-token query · peak keys / √d, per state
+    self_logit: torch.Tensor  # [T, H] set-token query · its own key / √d
+    values: torch.Tensor  # [2, T, P, H, d] peak values, per state
+    self_value: torch.Tensor  # [T, H, d]
