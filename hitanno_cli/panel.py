@@ -7,6 +7,7 @@ every read, so an edited or corrupted panel is refused.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ class Panel:
             "cell_types": [s.to_json() for s in self.sets],
         }
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
         return artifacts.sha256_json(self.body())
 

@@ -23,6 +23,8 @@ from hitanno_cli.panel import Panel, PeakSet
 
 #: The published code keeps this many best-ranked peaks per type as candidates.
 N_CANDIDATES = 6300
+#: A reference whose matrix takes less than this is read once and kept for pass 2.
+CACHE_BYTES = 1 << 28
 
 
 def published_peaks_per_type(n_types: int) -> int:
@@ -94,7 +96,7 @@ def rare_first_sets(
         free = ranking[~taken[ranking]]
         chosen = free[:peaks_per_type]
         if n_candidates and np.count_nonzero(~taken[ranking[:n_candidates]]) < peaks_per_type:
-            console.warn(
+            console.info(
                 f"type {names[t] if names else t} ran out of its {n_candidates} candidate "
                 "peaks; filled from lower-ranked peaks"
             )
@@ -119,23 +121,34 @@ def type_codes(labels: np.ndarray, types: Sequence[str]) -> np.ndarray:
 
 
 def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int | None = None) -> ReferenceMoments:
-    """Stream the reference twice and return per-type TF-IDF sums and sums of squares."""
+    """Stream the reference twice and return per-type TF-IDF sums and sums of squares.
+
+    A small reference (under :data:`CACHE_BYTES`) is read once and kept for pass 2.
+    """
     n_peaks = h5.n_vars
     keep = codes >= 0
     n_cells = int(keep.sum())
     cell_total = np.zeros(h5.n_obs, dtype=np.float64)
     peak_total = np.zeros(n_peaks, dtype=np.float64)
+    cached: list[tuple[int, sp.csr_matrix]] | None = []  # pass 1's chunks, while they fit
+    cached_bytes = 0
     with console.progress("select-peaks: totals", h5.n_obs) as bar:
         for lo, chunk in h5.iter_chunks(chunk_rows=chunk_rows):
             check_counts(chunk.data, h5.path, lo)
             rows = keep[lo : lo + chunk.shape[0]]
             cell_total[lo : lo + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
             peak_total += np.asarray(chunk[rows].sum(axis=0)).ravel()
+            if cached is not None:
+                cached_bytes += chunk.data.nbytes + chunk.indices.nbytes + chunk.indptr.nbytes
+                if cached_bytes <= CACHE_BYTES:
+                    cached.append((lo, chunk))
+                else:
+                    cached = None
             bar.advance(chunk.shape[0])
     sums = np.zeros(n_types * n_peaks, dtype=np.float64)
     sumsq = np.zeros(n_types * n_peaks, dtype=np.float64)
     with console.progress("select-peaks: t-test", h5.n_obs) as bar:
-        for lo, chunk in h5.iter_chunks(chunk_rows=chunk_rows):
+        for lo, chunk in cached or h5.iter_chunks(chunk_rows=chunk_rows):
             chunk_codes = codes[lo : lo + chunk.shape[0]]
             rows = np.flatnonzero(chunk_codes >= 0)
             values = tfidf(chunk[rows], cell_total[lo + rows], peak_total, n_cells)

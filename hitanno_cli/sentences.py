@@ -12,6 +12,7 @@ the last to finish assembles it, so the result equals a single-process encode.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from hitanno_cli.panel import Panel
 
 #: Target raw bytes per zarr chunk of packed states.
 CHUNK_BYTES = 1 << 22
+#: Packed states buffered before one write to the store.
+WRITE_BYTES = 1 << 26
 
 
 # -- matching the data's peaks to the panel ---------------------------------------------
@@ -47,6 +50,22 @@ class PeakMatch:
     n_panel: int
     by_name: int
     by_overlap: int
+
+    @functools.cached_property
+    def lookup(self) -> np.ndarray | None:
+        """Column → its one panel position (-1 for none); None if a column has several."""
+        fan = np.diff(self.indptr)
+        if fan.size and fan.max() > 1:
+            return None
+        out = np.full(fan.size, -1, dtype=np.int64)
+        out[fan == 1] = self.targets
+        return out
+
+    @functools.cached_property
+    def matrix(self) -> sp.csr_matrix:
+        """The map as a sparse ``[n_columns, n_panel]`` 0/1 matrix."""
+        ones = np.ones(self.targets.size, dtype=np.float32)
+        return sp.csr_matrix((ones, self.targets, self.indptr), shape=(self.indptr.size - 1, self.n_panel))
 
     @property
     def found(self) -> int:
@@ -91,19 +110,27 @@ def match_panel(panel: Panel, names: np.ndarray, var: Any) -> PeakMatch:
 
 
 def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.ndarray:
-    """Bit-packed sentences ``[rows, n_bytes]`` of a chunk of raw counts."""
+    """Bit-packed sentences ``[rows, n_bytes]`` of a chunk of raw counts.
+
+    When every column lights at most one panel peak (the usual case) the panel's
+    columns are sliced out in scipy's C code; otherwise the counts are multiplied by
+    the column → panel map. Explicitly stored zeros count as closed.
+    """
     counts = counts.tocsr()
-    n_rows = counts.shape[0]
-    positive = counts.data > 0
-    cols = counts.indices[positive]
-    rows = np.repeat(np.arange(n_rows), np.diff(counts.indptr))[positive]
-    fan = match.indptr[cols + 1] - match.indptr[cols]
-    rows = np.repeat(rows, fan)
-    offsets = np.arange(fan.sum()) - np.repeat(np.cumsum(fan) - fan, fan)
-    targets = match.targets[np.repeat(match.indptr[cols], fan) + offsets]
-    dense = np.zeros((n_rows, n_bytes * 8), dtype=bool)
-    dense[rows, targets] = True
-    return np.packbits(dense, axis=1, bitorder="little")
+    if match.lookup is not None:
+        columns = np.flatnonzero(match.lookup >= 0)
+        sub = counts[:, columns]
+        targets = match.lookup[columns][sub.indices]
+    else:
+        sub = counts @ match.matrix
+        targets = sub.indices
+    n_rows, n_bits = sub.shape[0], n_bytes * 8
+    flat = np.repeat(np.arange(n_rows, dtype=np.int64) * n_bits, np.diff(sub.indptr)) + targets
+    if sub.nnz and sub.data.min() <= 0:
+        flat = flat[sub.data > 0]
+    dense = np.zeros(n_rows * n_bits, dtype=bool)
+    dense[flat] = True
+    return np.packbits(dense.reshape(n_rows, n_bits), axis=1, bitorder="little")
 
 
 def chunk_cells_for(n_bytes: int) -> int:
@@ -252,7 +279,7 @@ def _open_staging(job: EncodeJob, h5: H5ad) -> zarr.Group:
     group = zarr.open_group(staging, mode="a", zarr_format=3)
     specs = {
         "bits": dict(shape=(h5.n_obs, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
-                     compressors=ZstdCodec(level=3), fill_value=0),
+                     compressors=ZstdCodec(level=1), fill_value=0),
         "bits_sha256": dict(shape=(n_chunks, 32), chunks=(max(n_chunks, 1), 32), dtype="uint8",
                             compressors=None, fill_value=0),
     }
@@ -273,12 +300,19 @@ def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
     first, last = i * n_chunks // n, (i + 1) * n_chunks // n
     lo, hi = first * chunk, min(last * chunk, h5.n_obs)
     digests = np.zeros((last - first, 32), dtype=np.uint8)
+    pending: list[np.ndarray] = []  # whole chunks, written together: fewer zarr round trips
+    start = lo
     with console.progress(f"encode {job.data.name}", hi - lo) as bar:
         for k, (row, counts) in enumerate(h5.iter_chunks(lo, hi, chunk_rows=chunk)):
             check_counts(counts.data, job.data, row)
             packed = pack_states(counts, job.match, bits.shape[1])
-            bits[row : row + packed.shape[0]] = packed
             digests[k] = np.frombuffer(hashlib.sha256(packed.tobytes()).digest(), np.uint8)
+            pending.append(packed)
+            if sum(p.nbytes for p in pending) >= WRITE_BYTES or row + packed.shape[0] == hi:
+                block = np.concatenate(pending)
+                bits[start : start + block.shape[0]] = block
+                start += block.shape[0]
+                pending.clear()
             bar.advance(packed.shape[0])
     (job.staging / "digests").mkdir(exist_ok=True)
     np.save(job.staging / "digests" / f"{i}.npy", digests)

@@ -124,3 +124,22 @@ def test_store_panel_mismatch_is_refused(small_pair, small_panel, tmp_path) -> N
     encode(small_pair[1], small_panel, out)
     with pytest.raises(UserError, match="another panel"):
         SentenceStore(out).check_panel("sha256:0000")
+
+
+def test_pack_states_many_to_many_map_and_explicit_zeros() -> None:
+    import scipy.sparse as sp
+
+    from hitanno_cli.sentences import PeakMatch, pack_states
+
+    # column 0 lights panel peaks 1 and 2 (a wide merged peak); columns 1 and 2 both light 0
+    match = PeakMatch.from_pairs(np.array([0, 0, 1, 2]), np.array([1, 2, 0, 0]), 4, 10, 0, 3)
+    assert match.lookup is None
+    counts = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 2, 3, 0], [0, 0, 0, 5]], dtype=np.float32))
+    counts.data[counts.data == 3] = 0  # an explicitly stored zero
+    bits = np.unpackbits(pack_states(counts, match, 2), axis=1, count=10, bitorder="little")
+    assert bits[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert bits[1].tolist() == [1] + [0] * 9
+    assert bits[2].sum() == 0
+    one_to_one = PeakMatch.from_pairs(np.array([3, 1]), np.array([9, 4]), 4, 10, 2, 0)
+    bits = np.unpackbits(pack_states(counts, one_to_one, 2), axis=1, count=10, bitorder="little")
+    assert np.flatnonzero(bits[1]).tolist() == [4] and np.flatnonzero(bits[2]).tolist() == [9]

@@ -37,7 +37,11 @@ def _dense_tfidf(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, value, 0.0)
 
 
-def test_streamed_tfidf_ttest_equals_dense_scipy(tmp_path) -> None:
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 28], ids=["re-read", "cached"])
+def test_streamed_tfidf_ttest_equals_dense_scipy(tmp_path, monkeypatch, cache_bytes) -> None:
+    import hitanno_cli.selection as selection
+
+    monkeypatch.setattr(selection, "CACHE_BYTES", cache_bytes)
     rng = np.random.default_rng(0)
     x = _random_counts(rng)
     labels = rng.choice(["a", "b", "c"], size=x.shape[0])
