@@ -338,12 +338,17 @@ class HitAnno(nn.Module):
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
         rows = cell_of_entries(indptr, positions.numel()) * t + torch.div(positions, p, rounding_mode="floor")
+        h = panel.z_closed.shape[-1]
         with torch.autocast(device_type=positions.device.type, enabled=False):
-            z = panel.z_closed.repeat(b, 1).index_add(0, rows, panel.dz[positions])  # [B*T, H]
-            n = panel.n_closed.repeat(b, 1).index_add(0, rows, panel.dn[positions])  # [B*T, D]
-            ill = self.ill_conditioned_rows(panel, z, rows, positions)
+            # one gather and one scatter-add over the batch's open peaks for Z, N and the
+            # closed mass they remove (which measures the cancellation)
+            deltas = panel.deltas.index_select(0, positions)
+            sums = torch.zeros(b * t, deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
+            sums = sums.index_add_(0, rows, deltas).view(b, t, -1) + panel.closed
+            z, n, cancelled = sums.view(b * t, -1).split([h, sums.shape[-1] - 2 * h, h], dim=1)
+            ill = self.ill_conditioned_rows(z.detach(), cancelled)
             z = torch.where(ill.unsqueeze(-1), torch.ones_like(z), z)
-            context = n.view(b * t, z.shape[-1], -1) / z.unsqueeze(-1)
+            context = n.reshape(b * t, h, -1) / z.unsqueeze(-1)
             if bool(ill.any()):
                 context = self.exact_rows(panel, context, ill, rows, positions)
         sets = panel.set_tokens.expand(b, t, -1)
@@ -352,17 +357,14 @@ class HitAnno(nn.Module):
         return summaries, attn
 
     @staticmethod
-    def ill_conditioned_rows(panel: PanelTerms, z: torch.Tensor, rows: torch.Tensor,
-                             positions: torch.Tensor) -> torch.Tensor:
+    def ill_conditioned_rows(z: torch.Tensor, cancelled: torch.Tensor) -> torch.Tensor:
         """(cell, set) rows whose ``Z`` lost precision to ``Z_closed − Σ_open e0`` cancellation.
 
-        Such a row's open peaks held almost all of the closed-state attention mass (or
-        its own mass underflowed the shared stabiliser); it is recomputed exactly.
+        ``cancelled = Z_closed + Σ_open e0`` bounds the rounding error of ``Z`` (up to
+        machine epsilon); a row whose open peaks held almost all of the closed-state
+        mass, or whose mass underflowed the shared stabiliser, is recomputed exactly.
         """
-        with torch.no_grad():
-            removed = torch.zeros_like(z).index_add(0, rows, panel.e_closed[positions])
-            cancelled = panel.z_closed.repeat(z.shape[0] // panel.z_closed.shape[0], 1) + removed
-            return ((cancelled > CANCELLATION_LIMIT * z) | ~(z > 0)).any(dim=-1)
+        return ((cancelled > CANCELLATION_LIMIT * z) | ~(z > 0)).any(dim=-1)
 
     def exact_rows(self, panel: PanelTerms, context: torch.Tensor, ill: torch.Tensor,
                    rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -421,13 +423,13 @@ class HitAnno(nn.Module):
             z_closed = e_self + e[0].sum(dim=1)
             n_closed = e_self.unsqueeze(-1) * v_self + torch.einsum("tph,tphd->thd", e[0], v[0])
             ev = e.unsqueeze(-1) * v
+            e_closed = e[0].reshape(t * p, h).detach()
             return PanelTerms(
                 set_tokens=sets,
                 z_closed=z_closed,
-                n_closed=n_closed.reshape(t, h * d),
-                dz=(e[1] - e[0]).reshape(t * p, h),
-                dn=(ev[1] - ev[0]).reshape(t * p, h * d),
-                e_closed=e[0].reshape(t * p, h),
+                closed=torch.cat([z_closed, n_closed.reshape(t, h * d), z_closed.detach()], dim=1),
+                deltas=torch.cat([(e[1] - e[0]).reshape(t * p, h), (ev[1] - ev[0]).reshape(t * p, h * d),
+                                  e_closed], dim=1),
                 logits=logits,
                 self_logit=self_logit,
                 values=v,
@@ -454,11 +456,9 @@ class PanelTerms:
     """Cell-independent sparse-path quantities: closed sums and per-peak open−closed deltas."""
 
     set_tokens: torch.Tensor  # [T, D]
-    z_closed: torch.Tensor  # [T, H]
-    n_closed: torch.Tensor  # [T, D] (heads × head dim)
-    dz: torch.Tensor  # [T*P, H]
-    dn: torch.Tensor  # [T*P, D]
-    e_closed: torch.Tensor  # [T*P, H]
+    z_closed: torch.Tensor  # [T, H] all-closed softmax denominators
+    closed: torch.Tensor  # [T, H + D + H]: Z_closed | N_closed | Z_closed (no grad)
+    deltas: torch.Tensor  # [T*P, H + D + H]: e1 − e0 | e1·V1 − e0·V0 | e0 (no grad), per peak
     logits: torch.Tensor  # [2, T, P, H] set-token query · peak keys / √d, per state
     self_logit: torch.Tensor  # [T, H] set-token query · its own key / √d
     values: torch.Tensor  # [2, T, P, H, d] peak values, per state
