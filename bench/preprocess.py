@@ -94,7 +94,7 @@ def write_synthetic(path: Path, n_cells: int, n_peaks: int, n_types: int = 30,
     sizes = np.maximum((weights / weights.sum() * n_cells).astype(int), 20)
     sizes[0] += n_cells - sizes.sum()
     labels = rng.permutation(np.repeat(np.arange(n_types), sizes))
-    programmes = [rng.choice(n_peaks, 3000, replace=False) for _ in range(n_types)]
+    programmes = np.stack([rng.choice(n_peaks, 3000, replace=False) for _ in range(n_types)])
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
@@ -109,14 +109,15 @@ def write_synthetic(path: Path, n_cells: int, n_peaks: int, n_types: int = 30,
             k = rng.poisson(open_per_cell * rng.lognormal(0, 0.3, len(lab)))
             k_prog = rng.binomial(k, 0.3)
             rows = np.repeat(np.arange(len(lab)), k)
-            prog_part = np.concatenate([programmes[t][rng.integers(0, 3000, m)] for t, m in zip(lab, k_prog)])
+            prog_part = programmes[np.repeat(lab, k_prog), rng.integers(0, 3000, int(k_prog.sum()))]
             bg_part = rng.integers(0, n_peaks, int((k - k_prog).sum()))
             cols = np.empty(rows.size, dtype=np.int64)
             first = np.repeat(np.cumsum(k) - k, k)
             within = np.arange(rows.size) - first
             is_prog = within < np.repeat(k_prog, k)
             cols[is_prog], cols[~is_prog] = prog_part, bg_part
-            keys = np.unique(rows.astype(np.int64) * n_peaks + cols)
+            keys = np.sort(rows.astype(np.int64) * n_peaks + cols)
+            keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]  # sorted, unique
             r, c = np.divmod(keys, n_peaks)
             n_old = data.shape[0]
             data.resize((n_old + keys.size,))

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from hitanno_cli import __version__
-from hitanno_cli.commands import annotate, preprocess
+from hitanno_cli.commands import annotate, cluster, data, preprocess
 
 app = typer.Typer(
     name="hitanno",
@@ -36,9 +36,12 @@ def _root(
 
 app.command("select-peaks")(preprocess.select_peaks_cmd)
 app.command("encode")(preprocess.encode_cmd)
+app.command("simulate")(data.simulate_cmd)
+app.command("inspect")(data.inspect_cmd)
 app.command("train")(annotate.train_cmd)
 app.command("predict")(annotate.predict_cmd)
 app.command("explain")(annotate.explain_cmd)
+app.command("cluster")(cluster.cluster_cmd)
 
 
 def main() -> None:
