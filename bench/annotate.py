@@ -1,0 +1,159 @@
+"""Annotation benchmark: hitanno end to end against simple baselines, same split, same run.
+
+Settings (``../shared/DATA.md``): **cross-donor** (reference Granja donor BMMC_D6T1,
+query BMMC_D5T1) and **intra** (stratified 70/30 split by cell_type, random_state=0).
+For each setting the split is written as temporary ``.h5ad`` files, then hitanno runs
+as a user would (``select-peaks``, ``encode``, ``train``, ``predict --h5ad``, each a
+separate process, timed) once per seed; the baselines of ``bench/baselines.py`` run on
+the same split. Prints a table and writes ``bench/results/annotate.json``.
+
+    python bench/annotate.py [--settings cross-donor,intra] [--seeds 42,43] [-- TRAIN OPTIONS]
+
+Everything after ``--`` is passed to ``hitanno train`` (e.g. ``-- --epochs 5 --lr 3e-4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import run_baselines, scores  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "granja2019_bmmc_atac.h5ad"
+RARE = ["21_CD4.N2", "01_HSC", "06_CLP.1", "15_CLP.2"]
+SETTINGS = ("cross-donor", "intra")
+
+
+def split(adata: ad.AnnData, setting: str) -> tuple[ad.AnnData, ad.AnnData]:
+    """The (reference, query) cells of a benchmark setting."""
+    if setting == "cross-donor":
+        donor = adata.obs["donor"].astype(str)
+        return adata[donor == "BMMC_D6T1"].copy(), adata[donor == "BMMC_D5T1"].copy()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    ref_idx, query_idx = train_test_split(np.arange(adata.n_obs), test_size=0.3, stratify=labels, random_state=0)
+    return adata[np.sort(ref_idx)].copy(), adata[np.sort(query_idx)].copy()
+
+
+def hitanno(*args: str) -> float:
+    """Run one ``hitanno`` stage in its own process; return its wall time."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "hitanno_cli", *args, "-q"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"hitanno {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def run_hitanno(work: Path, seed: int, train_args: list[str], truth: np.ndarray) -> dict[str, Any]:
+    """select-peaks (once per setting), encode, train, predict; scores and stage times."""
+    times: dict[str, float] = {}
+    panel, store = work / "panel.json", work / "ref.zarr"
+    if not panel.exists():
+        times["select-peaks"] = hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(panel))
+        times["encode"] = hitanno("encode", str(work / "ref.h5ad"), "-p", str(panel), "-o", str(store),
+                                  "-l", "cell_type")
+    model, pred = work / f"model_seed{seed}", work / f"pred_seed{seed}"
+    times["train"] = hitanno("train", "-s", str(store), "-p", str(panel), "-o", str(model), "--seed", str(seed),
+                             "--overwrite", *train_args)
+    times["predict"] = hitanno("predict", "-m", str(model), "--h5ad", str(work / "query.h5ad"), "-o", str(pred),
+                               "--overwrite")
+    predicted = pd.read_csv(pred / "predictions.csv")["predicted"].astype(str).to_numpy()
+    metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+    best = next(m for m in reversed(metrics) if m["best"])
+    return {"method": "hitanno", "seed": seed, **scores(truth, predicted, RARE),
+            "wall_s": round(sum(times.values()), 2), "stage_s": {k: round(v, 2) for k, v in times.items()},
+            "epochs_run": len(metrics), "best_epoch": best["epoch"], "best_val_accuracy": best.get("val_accuracy")}
+
+
+def run_setting(adata: ad.AnnData, setting: str, seeds: list[int], train_args: list[str],
+                work_root: Path) -> dict[str, Any]:
+    """Baselines and hitanno (every seed) on one setting's split."""
+    work = work_root / setting
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ref, query = split(adata, setting)
+    ref.write_h5ad(work / "ref.h5ad")
+    query.write_h5ad(work / "query.h5ad")
+    labels, truth = ref.obs["cell_type"].astype(str).to_numpy(), query.obs["cell_type"].astype(str).to_numpy()
+    print(f"[{setting}] reference {ref.n_obs} cells, query {query.n_obs} cells", file=sys.stderr)
+    results = run_baselines(ref.X.tocsr(), labels, query.X.tocsr(), truth, RARE)
+    for seed in seeds:
+        print(f"[{setting}] hitanno seed {seed} ...", file=sys.stderr)
+        results.append(run_hitanno(work, seed, train_args, truth))
+    return {"setting": setting, "n_reference": ref.n_obs, "n_query": query.n_obs, "results": results,
+            "summary": summarise(results)}
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """hitanno's median over seeds and its ratio to the strongest baseline per metric."""
+    ours = [r for r in results if r["method"] == "hitanno"]
+    base = [r for r in results if r["method"] != "hitanno"]
+    out: dict[str, Any] = {}
+    for key in ("accuracy", "macro_f1", "kappa"):
+        median = float(np.median([r[key] for r in ours]))
+        strongest = max(base, key=lambda r: r[key])
+        out[key] = {"hitanno_median": median, "best_baseline": strongest["method"],
+                    "best_baseline_value": strongest[key], "ratio": median / strongest[key]}
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """One row per method (and seed), then the median ratios to the strongest baseline."""
+    header = f"{'method':32} {'seed':>4} {'acc':>6} {'macroF1':>7} {'kappa':>6} " + " ".join(
+        f"{t[:9]:>9}" for t in RARE) + f" {'wall s':>8}"
+    for block in report["settings"]:
+        print(f"\n== {block['setting']}: reference {block['n_reference']} cells, query {block['n_query']} cells")
+        print(header)
+        for r in block["results"]:
+            rare = " ".join(f"{r['rare_f1'][t]:9.3f}" for t in RARE)
+            print(f"{r['method']:32} {str(r.get('seed', '-')):>4} {r['accuracy']:6.3f} {r['macro_f1']:7.3f} "
+                  f"{r['kappa']:6.3f} {rare} {r['wall_s']:8.1f}")
+        for key, s in block["summary"].items():
+            print(f"  {key}: hitanno median {s['hitanno_median']:.3f} / {s['best_baseline']} "
+                  f"{s['best_baseline_value']:.3f} = ratio {s['ratio']:.3f}")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: cross-donor,intra")
+    parser.add_argument("--seeds", default="42", help="comma-separated training seeds")
+    parser.add_argument("--data", type=Path, default=DATA, help="Granja .h5ad")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "annotate", help="work directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "annotate.json")
+    args = parser.parse_args(own)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown or not args.data.exists():
+        raise SystemExit(f"unknown settings {unknown}" if unknown else f"data not found: {args.data}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    adata = ad.read_h5ad(args.data)
+    started = time.perf_counter()
+    report = {"data": str(args.data), "seeds": seeds, "train_args": train_args, "device_env":
+              os.environ.get("CUDA_VISIBLE_DEVICES", "cpu/auto"), "threads": os.cpu_count(),
+              "settings": [run_setting(adata, s, seeds, train_args, args.work) for s in settings]}
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({report['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
