@@ -27,6 +27,7 @@ PANEL = "hitanno.panel"
 SENTENCES = "hitanno.sentences"
 MODEL = "hitanno.model"
 CLUSTER_MODEL = "hitanno.cluster_model"
+EVALUATION = "hitanno.evaluation"
 
 #: The (major, minor) version each format is written with. A reader accepts any
 #: minor version of its major (minor bumps only add fields) and refuses a newer major.
@@ -35,6 +36,7 @@ FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     SENTENCES: (1, 0),
     MODEL: (1, 0),
     CLUSTER_MODEL: (1, 0),
+    EVALUATION: (1, 0),
 }
 
 _HASH_BLOCK = 1 << 22
@@ -106,6 +108,17 @@ def sha256_lines(items: Any) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: Path, directory: bool) -> None:
+    """Give a temporary file or folder the permissions a plain create would (mkstemp uses 0600)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def refuse_existing(path: str | Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless ``--overwrite`` was given."""
     if Path(path).exists() and not overwrite:
@@ -132,6 +145,7 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> N
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        _ordinary_mode(Path(tmp), directory=False)
         replace_path(Path(tmp), final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -165,6 +179,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     refuse_existing(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _ordinary_mode(tmp, directory=True)
     try:
         yield tmp
         replace_path(tmp, final)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from hitanno_cli import __version__
-from hitanno_cli.commands import annotate, cluster, data, preprocess
+from hitanno_cli.commands import annotate, cluster, data, evaluate, preprocess
 
 app = typer.Typer(
     name="hitanno",
@@ -41,6 +41,7 @@ app.command("inspect")(data.inspect_cmd)
 app.command("train")(annotate.train_cmd)
 app.command("predict")(annotate.predict_cmd)
 app.command("explain")(annotate.explain_cmd)
+app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("cluster")(cluster.cluster_cmd)
 
 

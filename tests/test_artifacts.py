@@ -63,3 +63,17 @@ def test_content_hashes_are_stable_and_sensitive(tmp_path) -> None:
     assert artifacts.sha256_file(f) == (
         "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        artifacts.write_json(tmp_path / "a.json", {})
+        with artifacts.atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
