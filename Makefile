@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 DEMO_OUT ?= demo_out
+DATA ?=
 
 .PHONY: install test demo bench clean
 
@@ -22,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	bash examples/demo.sh $(DEMO_OUT)
+	DATA="$(DATA)" bash examples/demo.sh $(DEMO_OUT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py

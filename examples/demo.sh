@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# The built-in example: simulate a reference/query pair, then run every stage on it.
-# Usage: bash examples/demo.sh [OUT_DIR]   (make demo runs it inside the project's .venv)
+# The built-in example (what `make demo` runs): simulate a reference/query pair — or split
+# your own labelled .h5ad — and annotate the query with `hitanno run`.
+#
+#   bash examples/demo.sh [OUT_DIR]
+#   DATA=my.h5ad LABEL_KEY=cell_type SPLIT_BY=donor bash examples/demo.sh   # your data
+#
+# Environment: HITANNO (the command, default .venv/bin/hitanno), SIM_ARGS (extra
+# simulate options), RUN_ARGS (extra run options), SPLIT_BY (obs column: one value
+# becomes the query; unset = a stratified random 30 % query).
 set -euo pipefail
 OUT=${1:-demo_out}
 HITANNO=${HITANNO:-.venv/bin/hitanno}
+LABEL_KEY=${LABEL_KEY:-cell_type}
 mkdir -p "$OUT"
 
-"$HITANNO" simulate -o "$OUT/data" --overwrite
-"$HITANNO" select-peaks "$OUT/data/reference.h5ad" --label-key cell_type -o "$OUT/panel.json" --overwrite
-"$HITANNO" encode "$OUT/data/reference.h5ad" --panel "$OUT/panel.json" --label-key cell_type -o "$OUT/reference.zarr" --overwrite
-"$HITANNO" encode "$OUT/data/query.h5ad" --panel "$OUT/panel.json" --label-key cell_type -o "$OUT/query.zarr" --overwrite
-"$HITANNO" train --sentences "$OUT/reference.zarr" --panel "$OUT/panel.json" -o "$OUT/model" --lr 1e-3 --overwrite
-"$HITANNO" predict --model "$OUT/model" --sentences "$OUT/query.zarr" -o "$OUT/predictions" --overwrite
-echo "predictions: $OUT/predictions/predictions.csv"
+if [ -z "${DATA:-}" ]; then
+    # shellcheck disable=SC2086
+    $HITANNO simulate -o "$OUT/data" --overwrite ${SIM_ARGS:-}
+else
+    split=(--query-fraction 0.3 --label-key "$LABEL_KEY")
+    [ -n "${SPLIT_BY:-}" ] && split=(--by "$SPLIT_BY")
+    $HITANNO split "$DATA" -o "$OUT/data" "${split[@]}" --overwrite
+fi
+# shellcheck disable=SC2086
+$HITANNO run --ref "$OUT/data/reference.h5ad" --query "$OUT/data/query.h5ad" \
+    --label-key "$LABEL_KEY" -o "$OUT/run" ${RUN_ARGS:-}
+echo "report: $OUT/run/report/report.html"

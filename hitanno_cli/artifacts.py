@@ -28,6 +28,7 @@ SENTENCES = "hitanno.sentences"
 MODEL = "hitanno.model"
 CLUSTER_MODEL = "hitanno.cluster_model"
 EVALUATION = "hitanno.evaluation"
+RUN = "hitanno.run"
 
 #: The (major, minor) version each format is written with. A reader accepts any
 #: minor version of its major (minor bumps only add fields) and refuses a newer major.
@@ -37,6 +38,7 @@ FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     MODEL: (1, 0),
     CLUSTER_MODEL: (1, 0),
     EVALUATION: (1, 0),
+    RUN: (1, 0),
 }
 
 _HASH_BLOCK = 1 << 22

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from hitanno_cli import __version__
-from hitanno_cli.commands import annotate, cluster, data, evaluate, preprocess
+from hitanno_cli.commands import annotate, cluster, data, evaluate, preprocess, run
 
 app = typer.Typer(
     name="hitanno",
@@ -38,10 +38,12 @@ app.command("select-peaks")(preprocess.select_peaks_cmd)
 app.command("encode")(preprocess.encode_cmd)
 app.command("simulate")(data.simulate_cmd)
 app.command("inspect")(data.inspect_cmd)
+app.command("split")(data.split_cmd)
 app.command("train")(annotate.train_cmd)
 app.command("predict")(annotate.predict_cmd)
 app.command("explain")(annotate.explain_cmd)
 app.command("evaluate")(evaluate.evaluate_cmd)
+app.command("run")(run.run_cmd)
 app.command("cluster")(cluster.cluster_cmd)
 
 

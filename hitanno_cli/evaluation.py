@@ -25,9 +25,11 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from hitanno_cli import artifacts
 from hitanno_cli.errors import UserError
 
 UNASSIGNED = "Unassigned"
+HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_unassigned")
 
 
 @dataclass
@@ -90,9 +92,10 @@ def score(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[
         "unseen_types": _breakdown(truth[unseen], predicted[unseen]),
         "unassigned": {"n": int(unassigned.sum()), "by_true_type": dict(Counter(truth[unassigned].tolist()))},
     }
-    if not scored.any():
-        raise UserError("no cell has both a known true type and an assigned prediction",
-                        "check the label key and that the query shares types with the reference")
+    if not scored.any():  # e.g. every cell Unassigned: a valid, if empty, result
+        out.update({key: None for key in HEADLINE}, per_type={},
+                   confusion={"labels": [], "rows": "true", "columns": "predicted", "matrix": []})
+        return out
     y, p = truth[scored].astype(str), predicted[scored].astype(str)
     labels = [c for c in classes if c in set(y) | set(p)]
     precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)
@@ -151,3 +154,43 @@ def read_embeddings(directory: Path, cell_ids: np.ndarray) -> np.ndarray | None:
     if len(ids) != len(cell_ids) or not np.array_equal(ids, cell_ids):
         return None
     return np.asarray(group["embeddings"][:], dtype=np.float32)
+
+
+#: Cells drawn for the 2-D map (it is a picture: more would only slow it down).
+MAP_CELLS = 30_000
+
+
+def evaluate(predictions: Path, truth: Path, label_key: str | None, out: Path,
+             overwrite: bool = False, embedding_map: bool = True) -> dict[str, Any]:
+    """Score ``predictions`` against ``truth`` and write ``out/`` (metrics, PNGs, report.html)."""
+    from hitanno_cli import report  # matplotlib: imported only when pictures are drawn
+
+    preds = read_predictions(predictions)
+    truth_ids, truth_labels = read_truth(truth, label_key)
+    truth_aligned = align_truth(preds.cell_ids, truth_ids, truth_labels)
+    metrics = score(truth_aligned, preds.predicted, preds.class_names)
+    inputs = {"predictions": artifacts.sha256_file(predictions), "truth": _identity(truth)}
+    metrics = {"header": artifacts.make_header(artifacts.EVALUATION, {"label_key": label_key}, inputs), **metrics}
+    with artifacts.atomic_dir(out, overwrite) as tmp:
+        images = []
+        if metrics["per_type"]:
+            images += [(report.confusion_heatmap(metrics, tmp / "confusion.png"), "Confusion matrix, row-normalised"),
+                       (report.f1_bars(metrics, tmp / "f1_per_type.png"), "Per-type F1, ordered by type size")]
+        embeddings = read_embeddings(preds.directory, preds.cell_ids) if embedding_map else None
+        if embeddings is not None:
+            pick = np.random.default_rng(0).permutation(len(embeddings))[:MAP_CELLS]
+            coords, method = report.two_d(embeddings[pick])
+            metrics["embedding_map"] = method
+            images.append((report.embedding_map(coords, truth_aligned[pick], preds.predicted[pick], method,
+                                                tmp / "embedding_map.png"), f"{method}: true and predicted types"))
+        artifacts.write_json(tmp / "metrics.json", metrics)
+        report.write_html(metrics, images, tmp / "report.html", f"hitanno evaluation: {predictions}")
+    return metrics
+
+
+def _identity(path: Path) -> str:
+    if (path / "zarr.json").is_file():
+        from hitanno_cli.sentences import SentenceStore
+
+        return SentenceStore(path).content_hash
+    return artifacts.sha256_file(path)

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_unassigned")
+from hitanno_cli.evaluation import HEADLINE  # noqa: E402
 
 
 def _types_by_size(metrics: dict[str, Any]) -> list[str]:
@@ -104,6 +104,10 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -112,7 +116,7 @@ def _img(path: Path, alt: str) -> str:
 def write_html(metrics: dict[str, Any], images: list[tuple[Path, str]], path: Path, title: str) -> Path:
     """One self-contained HTML page: headline table, per-type table, pictures, apart-sets."""
     e = html.escape
-    head_rows = "".join(f"<tr><th>{e(k)}</th><td>{metrics[k]:.4f}</td></tr>" for k in HEADLINE)
+    head_rows = "".join(f"<tr><th>{e(k)}</th><td>{_fmt(metrics[k])}</td></tr>" for k in HEADLINE)
     head_rows += f"<tr><th>cells scored</th><td>{metrics['n_scored']} of {metrics['n_cells']}</td></tr>"
     per_type = metrics["per_type"]
     type_rows = "".join(

@@ -71,3 +71,8 @@ def test_evaluate_cli_writes_metrics_pictures_and_self_contained_html(tmp_path) 
     bad = run_cli("evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"),
                   "--truth", str(tmp_path / "q.h5ad"), "-o", str(tmp_path / "r2"))
     assert bad.exit_code == 2 and "--label-key" in bad.stderr and not (tmp_path / "r2").exists()
+
+
+def test_all_unassigned_gives_an_empty_but_valid_score() -> None:
+    m = score(np.array(["B", "T"], dtype=object), np.array([UNASSIGNED, UNASSIGNED], dtype=object), ["B", "T"])
+    assert m["n_scored"] == 0 and m["accuracy"] is None and m["unassigned"]["n"] == 2

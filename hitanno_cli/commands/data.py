@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -80,3 +80,29 @@ def inspect_cmd(
     if not path.exists():
         raise UserError(f"{path} does not exist", "check the path")
     typer.echo(json.dumps(read_header(path), indent=1))
+
+
+@command
+def split_cmd(
+    data: Annotated[Path, typer.Argument(help="Labelled .h5ad to split into reference and query.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for reference.h5ad and query.h5ad.")],
+    by: Annotated[Optional[str], typer.Option(help="obs column to split on (e.g. donor): one value becomes the query.")] = None,
+    query_value: Annotated[
+        Optional[str], typer.Option(help="With --by: the value that becomes the query (default: the smallest group).")
+    ] = None,
+    query_fraction: Annotated[float, typer.Option(help="Without --by: share of cells in the query.")] = 0.3,
+    label_key: Annotated[Optional[str], typer.Option("--label-key", "-l", help="Stratify the random split by this column.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Split a labelled .h5ad into a reference and a query, by a column (donor) or at random."""
+    from hitanno_cli.h5ad import H5ad
+    from hitanno_cli.splitting import query_mask, write_split
+
+    with H5ad(data) as h5:
+        obs = h5.obs
+    mask = query_mask(obs, by, query_value, query_fraction, label_key, seed, data)
+    with artifacts.atomic_dir(output, overwrite) as tmp:
+        write_split(data, mask, tmp)
+    console.info(f"split: {int((~mask).sum())} reference and {int(mask.sum())} query cells → {output}")

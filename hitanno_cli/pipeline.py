@@ -1,0 +1,158 @@
+"""``hitanno run``: the whole pipeline, cached like make.
+
+Stages run in order — select-peaks, encode the reference, encode the query, train,
+predict, evaluate (when the query has labels) — each writing one artifact into the
+output folder. A stage's *fingerprint* hashes its parameters, the content of the input
+files it reads and the fingerprints of the stages it depends on. ``run.json`` records
+each stage's fingerprint and what happened to it; a stage whose artifact exists and
+whose fingerprint is unchanged is skipped, so changing a parameter reruns exactly the
+stages downstream of it. ``--from STAGE`` forces that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hitanno_cli import artifacts, console
+from hitanno_cli.errors import UserError
+
+STAGES = ("select-peaks", "encode-reference", "encode-query", "train", "predict", "evaluate")
+MANIFEST = "run.json"
+
+
+@dataclass
+class Stage:
+    """One step: what it writes, what determines it, and how to make it."""
+
+    name: str
+    output: Path
+    params: dict[str, Any]
+    upstream: list[str]
+    make: Callable[[], Any]
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class RunSettings:
+    """Options of ``hitanno run`` beyond the inputs (defaults = each stage's own)."""
+
+    peaks_per_type: int | None = None
+    min_cells: int = 10
+    exclude_types: list[str] = field(default_factory=list)
+    min_coverage: float = 0.5
+    min_confidence: float = 0.0
+    device: str = "auto"
+    gpu: int | None = None
+    train: Any = None  # training.TrainOptions
+
+
+def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSettings) -> list[Stage]:
+    """The stages of a run, in order (evaluate only when the query carries labels)."""
+    from hitanno_cli.evaluation import evaluate
+    from hitanno_cli.h5ad import H5ad
+    from hitanno_cli.prediction import predict
+    from hitanno_cli.selection import select_peaks
+    from hitanno_cli.sentences import encode
+    from hitanno_cli.training import TrainOptions, train
+
+    with H5ad(query) as h5:
+        query_labelled = label_key in h5.obs.columns
+    query_key = label_key if query_labelled else None
+    panel, ref_zarr, query_zarr = out / "panel.json", out / "reference.zarr", out / "query.zarr"
+    model, predictions, report = out / "model", out / "predictions", out / "report"
+    options = settings.train or TrainOptions()
+    device = {"device": settings.device, "gpu": settings.gpu}
+    select = {"label_key": label_key, "peaks_per_type": settings.peaks_per_type,
+              "min_cells": settings.min_cells, "exclude_types": sorted(settings.exclude_types)}
+    stages = [
+        Stage("select-peaks", panel, select, [], files=[ref],
+              make=lambda: select_peaks(ref, label_key, settings.peaks_per_type, settings.min_cells,
+                                        settings.exclude_types).save(panel, overwrite=True)),
+        Stage("encode-reference", ref_zarr, {"label_key": label_key, "min_coverage": settings.min_coverage},
+              ["select-peaks"], files=[ref],
+              make=lambda: encode(ref, panel, ref_zarr, label_key, settings.min_coverage, overwrite=True)),
+        Stage("encode-query", query_zarr, {"label_key": query_key, "min_coverage": settings.min_coverage},
+              ["select-peaks"], files=[query],
+              make=lambda: encode(query, panel, query_zarr, query_key, settings.min_coverage, overwrite=True)),
+        Stage("train", model, {"options": asdict(options)}, ["encode-reference"],
+              make=lambda: train(ref_zarr, panel, model, options, overwrite=True, **device)),
+        Stage("predict", predictions, {"min_confidence": settings.min_confidence}, ["train", "encode-query"],
+              make=lambda: predict(model, predictions, sentences=query_zarr,
+                                   min_confidence=settings.min_confidence, overwrite=True, **device)),
+    ]
+    if query_labelled:
+        stages.append(Stage("evaluate", report, {}, ["predict", "encode-query"],
+                            make=lambda: evaluate(predictions / "predictions.csv", query_zarr, None, report,
+                                                  overwrite=True)))
+    else:
+        console.info(f"run: the query has no '{label_key}' column; evaluate is skipped")
+    return stages
+
+
+def fingerprints(stages: list[Stage]) -> dict[str, str]:
+    """Each stage's fingerprint: its params, its input files' content and its upstream."""
+    file_hash: dict[Path, str] = {}
+    out: dict[str, str] = {}
+    for stage in stages:
+        for path in stage.files:
+            if path not in file_hash:
+                file_hash[path] = artifacts.sha256_file(path)
+        out[stage.name] = artifacts.sha256_json({
+            "stage": stage.name,
+            "params": stage.params,
+            "files": [file_hash[p] for p in stage.files],
+            "upstream": [out[name] for name in stage.upstream],
+        })
+    return out
+
+
+def run(ref: Path, query: Path, label_key: str, out: Path, settings: RunSettings,
+        from_stage: str | None = None) -> dict[str, Any]:
+    """Run the stages that are out of date; return the manifest written to ``run.json``."""
+    if from_stage is not None and from_stage not in STAGES:
+        raise UserError(f"--from {from_stage} is not a stage", f"use one of: {', '.join(STAGES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = plan(ref, query, label_key, out, settings)
+    prints = fingerprints(stages)
+    manifest = _read_manifest(out)
+    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+    for stage in stages:
+        previous = manifest["stages"].get(stage.name, {})
+        fresh = stage.output.exists() and previous.get("fingerprint") == prints[stage.name]
+        if fresh and stage.name not in forced:
+            console.info(f"run: {stage.name} is up to date ({stage.output.name})")
+            manifest["stages"][stage.name] = {**previous, "status": "cached"}
+            continue
+        console.info(f"run: {stage.name} → {stage.output.name}")
+        if stage.output.is_dir() and stage.name == "train":
+            shutil.rmtree(stage.output / "resume", ignore_errors=True)
+        start = time.perf_counter()
+        stage.make()
+        manifest["stages"][stage.name] = {
+            "status": "ran",
+            "fingerprint": prints[stage.name],
+            "output": stage.output.name,
+            "seconds": round(time.perf_counter() - start, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_manifest(out, manifest)
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.exists():
+        return {"stages": {}}
+    obj = artifacts.read_json(path, "run manifest")
+    return {"stages": dict(obj.get("stages", {}))}
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    header = artifacts.make_header(artifacts.RUN, {}, {})
+    artifacts.write_json(out / MANIFEST, {"header": header, "stages": manifest["stages"]}, overwrite=True)
