@@ -27,6 +27,10 @@ PANEL = "hitanno.panel"
 SENTENCES = "hitanno.sentences"
 MODEL = "hitanno.model"
 CLUSTER_MODEL = "hitanno.cluster_model"
+PREDICTIONS = "hitanno.predictions"
+#: The label predictions.csv gives cells below --min-confidence.
+UNASSIGNED = "Unassigned"
+ATTENTION = "hitanno.attention"
 EVALUATION = "hitanno.evaluation"
 RUN = "hitanno.run"
 
@@ -37,6 +41,8 @@ FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     SENTENCES: (1, 0),
     MODEL: (1, 0),
     CLUSTER_MODEL: (1, 0),
+    PREDICTIONS: (1, 0),
+    ATTENTION: (1, 0),
     EVALUATION: (1, 0),
     RUN: (1, 0),
 }

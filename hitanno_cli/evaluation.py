@@ -28,7 +28,7 @@ from sklearn.metrics import (
 from hitanno_cli import artifacts
 from hitanno_cli.errors import UserError
 
-UNASSIGNED = "Unassigned"
+UNASSIGNED = artifacts.UNASSIGNED
 HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_unassigned")
 
 

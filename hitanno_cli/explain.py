@@ -29,8 +29,6 @@ from hitanno_cli.errors import UserError
 from hitanno_cli.sentences import SentenceStore
 from hitanno_cli.training import autocast, resolve_device
 
-ATTENTION = "hitanno.attention"
-artifacts.FORMAT_VERSIONS.setdefault(ATTENTION, (1, 0))
 
 
 class AttentionSums:
@@ -169,7 +167,7 @@ def explain(model_dir: str | Path, sentences: str | Path, out: str | Path, top_p
         write_top_peaks(tmp / "level1_top_peaks.csv", loaded, sums, level1, top)
         write_level2(tmp, loaded, sums, level2)
         plot_heatmaps(tmp, loaded, sums, level2)
-        summary = {"header": artifacts.make_header(ATTENTION, params, inputs),
+        summary = {"header": artifacts.make_header(artifacts.ATTENTION, params, inputs),
                    "cells_per_predicted_type": {loaded.class_names[c]: int(n) for c, n in enumerate(sums.cells)}}
         artifacts.write_json(tmp / "summary.json", summary)
     console.info(f"explain: attention of {int(sums.cells.sum())} cells → {out}")

@@ -33,10 +33,7 @@ from hitanno_cli.h5ad import H5ad, check_counts
 from hitanno_cli.sentences import SentenceStore, chunk_cells_for, match_panel, pack_states
 from hitanno_cli.training import autocast, resolve_device
 
-UNASSIGNED = "Unassigned"
-#: Format name written into the attributes of probabilities.zarr / embeddings.zarr.
-PREDICTIONS = "hitanno.predictions"
-artifacts.FORMAT_VERSIONS.setdefault(PREDICTIONS, (1, 0))
+UNASSIGNED = artifacts.UNASSIGNED
 #: Rows per chunk of the probability and embedding arrays.
 OUTPUT_CHUNK_ROWS = 16384
 
@@ -166,7 +163,7 @@ def write_predictions(tmp: Path, loaded: LoadedModel, query: Query, device: torc
     """Stream the query through the model into the three outputs; count labels given."""
     names = np.array(loaded.class_names, dtype=object)
     inputs = {"model": loaded.content_hash, "query": query.content_hash}
-    header = artifacts.make_header(PREDICTIONS, {"min_confidence": min_confidence}, inputs)
+    header = artifacts.make_header(artifacts.PREDICTIONS, {"min_confidence": min_confidence}, inputs)
     probs_out = RowWriter(tmp / "probabilities.zarr", "probabilities", (query.n_cells, len(names)),
                           query.cell_ids, {"header": header, "class_names": list(names)})
     emb_out = RowWriter(tmp / "embeddings.zarr", "embeddings", (query.n_cells, loaded.config.embed_dim),
