@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_OUT ?= demo_out
 DATA ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-throughput bench-annotate bench-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
+
+bench-throughput: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+bench-annotate: $(STAMP)
+	$(BIN)/python bench/annotate.py --seeds 42,43,44
+
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
