@@ -50,6 +50,7 @@ class H5ad:
         self._layout = self._matrix_layout()
         self._obs: pd.DataFrame | None = None
         self._var: pd.DataFrame | None = None
+        self._labels: dict[str, np.ndarray] = {}
 
     def __enter__(self) -> H5ad:
         return self
@@ -127,11 +128,12 @@ class H5ad:
                 f"label key '{key}' is not a column of obs in {self.path}",
                 f"pass --label-key with one of: {columns}",
             )
-        column = self.obs[key]
-        out = column.astype(object).to_numpy()
-        missing = pd.isna(column).to_numpy()
-        out = np.array([None if m else str(v) for v, m in zip(out, missing)], dtype=object)
-        return out
+        if key not in self._labels:
+            column = self.obs[key]
+            values = column.astype(object).to_numpy()
+            missing = pd.isna(column).to_numpy()
+            self._labels[key] = np.array([None if m else str(v) for v, m in zip(values, missing)], dtype=object)
+        return self._labels[key]
 
     # -- the matrix, streamed -------------------------------------------------------------
     def default_chunk_rows(self) -> int:

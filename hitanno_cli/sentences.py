@@ -128,7 +128,7 @@ def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.nda
     flat = np.repeat(np.arange(n_rows, dtype=np.int64) * n_bits, np.diff(sub.indptr)) + targets
     if sub.nnz and sub.data.min() <= 0:
         flat = flat[sub.data > 0]
-    dense = np.zeros(n_rows * n_bits, dtype=bool)
+    dense = np.zeros(n_rows * n_bits, dtype=bool)  # measured faster than np.add.at on packed bytes
     dense[flat] = True
     return np.packbits(dense.reshape(n_rows, n_bits), axis=1, bitorder="little")
 
