@@ -7,6 +7,7 @@ straight from HDF5. ``obs`` and ``var`` are small and are read whole.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +120,17 @@ class H5ad:
     def var_names(self) -> np.ndarray:
         """Feature names as an array of str."""
         return np.asarray(self.var.index.astype(str))
+
+    def unique_var_names(self) -> np.ndarray:
+        """Feature names, refusing duplicates (a peak must be identifiable by its name)."""
+        names = self.var_names()
+        if len(set(names)) != len(names):
+            dup = next(name for name, count in Counter(names.tolist()).items() if count > 1)
+            raise UserError(
+                f"{self.path} has duplicate peak names (e.g. '{dup}')",
+                "make var_names unique (adata.var_names_make_unique()) and save the file again",
+            )
+        return names
 
     def labels(self, key: str) -> np.ndarray:
         """The ``obs[key]`` column as an object array of str, ``None`` where missing."""

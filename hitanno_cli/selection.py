@@ -204,13 +204,7 @@ def select_peaks(
     with H5ad(reference, layer=layer) as h5:
         labels = h5.labels(label_key)
         types, sizes = choose_types(labels, min_cells, exclude_types, reference)
-        names = h5.var_names()
-        if len(set(names)) != len(names):
-            dup = next(n for n, c in zip(*np.unique(names, return_counts=True)) if c > 1)
-            raise UserError(
-                f"{reference} has duplicate peak names (e.g. '{dup}')",
-                "make var_names unique (adata.var_names_make_unique()) before selecting peaks",
-            )
+        names = h5.unique_var_names()
         dropped = sum(1 for lab in labels if lab is None)
         if dropped:
             console.warn(f"{dropped} cells have no '{label_key}' label and are left out")

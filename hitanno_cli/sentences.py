@@ -189,13 +189,7 @@ def encode(
     artifacts.refuse_existing(out, overwrite)
     panel = Panel.load(panel_path)
     with H5ad(data, layer=layer) as h5:
-        names = h5.var_names()
-        if len(set(names)) != len(names):
-            dup = next(n for n, c in zip(*np.unique(names, return_counts=True)) if c > 1)
-            raise UserError(
-                f"{data} has duplicate peak names (e.g. '{dup}')",
-                "make var_names unique (adata.var_names_make_unique()) before encoding",
-            )
+        names = h5.unique_var_names()
         if label_key is not None:
             h5.labels(label_key)  # refuse a missing key before any work
         match = match_panel(panel, names, h5.var)
