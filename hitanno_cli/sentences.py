@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 from zarr.codecs import ZstdCodec
-from zarr.errors import ContainsArrayError
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from hitanno_cli import artifacts, console
 from hitanno_cli.errors import UserError
@@ -270,7 +270,10 @@ def _open_staging(job: EncodeJob, h5: H5ad) -> zarr.Group:
     n_bytes = (job.panel.size + 7) // 8
     chunk = chunk_cells_for(n_bytes)
     n_chunks = -(-h5.n_obs // chunk)
-    group = zarr.open_group(staging, mode="a", zarr_format=3)
+    try:
+        group = zarr.open_group(staging, mode="a", zarr_format=3)
+    except ContainsGroupError:  # another shard created it between our check and our write
+        group = zarr.open_group(staging, mode="r+", zarr_format=3)
     specs = {
         "bits": dict(shape=(h5.n_obs, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
                      compressors=ZstdCodec(level=1), fill_value=0),

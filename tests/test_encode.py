@@ -95,8 +95,8 @@ def test_concurrent_shard_processes_build_one_store(small_pair, small_panel, tmp
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     procs = [
         subprocess.Popen([sys.executable, "-m", "hitanno_cli", "encode", str(ref), "-p", str(small_panel),
-                          "-o", str(out), "--shard", f"{i}/2", "-q"], env=env, stderr=subprocess.PIPE)
-        for i in range(2)
+                          "-o", str(out), "--shard", f"{i}/4", "-q"], env=env, stderr=subprocess.PIPE)
+        for i in range(4)
     ]
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
