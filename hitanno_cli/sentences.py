@@ -253,15 +253,18 @@ def _open_staging(job: EncodeJob, h5: H5ad) -> zarr.Group:
     staging.mkdir(parents=True, exist_ok=True)
     plan = _plan(job)
     plan_file = staging / "plan.json"
+    draft = staging / f"plan.{os.getpid()}.json"
+    draft.write_text(json.dumps(plan))
     try:
-        with open(plan_file, "x") as handle:
-            json.dump(plan, handle)
+        os.link(draft, plan_file)  # atomic: the first shard's plan, complete, or nothing
     except FileExistsError:
-        if json.loads(plan_file.read_text() or "{}") != plan:
+        if json.loads(plan_file.read_text()) != plan:
             raise UserError(
                 f"{staging} holds a partial encode with other inputs or shard count",
                 f"remove {staging} and rerun every shard",
             ) from None
+    finally:
+        draft.unlink(missing_ok=True)
     if (staging / "failed").exists():
         raise UserError(
             f"another shard of this encode failed ({(staging / 'failed').read_text().strip()})",
