@@ -71,6 +71,7 @@ class ModelConfig:
     head_hidden: int = 64
     dropout: float = 0.1
     attention: str = "auto"
+    linear_path: bool = False  # beyond SPEC: add a linear read-out of the open peaks to the logits
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,6 +230,19 @@ class TokenEmbedding(nn.Module):
         return self.norm(self.set_token.weight)
 
 
+class LinearPath(nn.Module):
+    """Per-type logits linear in the open peaks, averaged over them (a depth-free term
+    frequency): a wide path beside the transformer, like a logistic regression."""
+
+    def __init__(self, n_positions: int, n_types: int) -> None:
+        super().__init__()
+        self.weight = nn.EmbeddingBag(n_positions, n_types, mode="mean")
+        nn.init.zeros_(self.weight.weight)
+
+    def forward(self, indptr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.weight(positions, indptr[:-1])
+
+
 def cell_of_entries(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
     """For CSR ``indptr``, the row (cell) index of each of its ``nnz`` entries."""
     counts = indptr[1:] - indptr[:-1]
@@ -280,6 +294,7 @@ class HitAnno(nn.Module):
                                     for _ in range(config.level2_layers))
         self.head = nn.Sequential(nn.Linear(d, config.head_hidden), nn.ReLU(),
                                   nn.Linear(config.head_hidden, config.n_types))
+        self.linear = LinearPath(self.n_positions, config.n_types) if config.linear_path else None
         self.level1_attend: AttentionFn = flash_attention if config.level1_path == "flash" else sdpa_attention
 
     @property
@@ -301,7 +316,10 @@ class HitAnno(nn.Module):
         else:
             summaries, attn1 = self.dense_level1(indptr, positions, return_attention)
         embedding, attn2 = self.encode_level2(summaries, return_attention)
-        return ModelOutput(self.head(embedding), embedding, attn1, attn2)
+        logits = self.head(embedding)
+        if self.linear is not None:
+            logits = logits + self.linear(indptr, positions).to(logits.dtype)
+        return ModelOutput(logits, embedding, attn1, attn2)
 
     # level 1, dense ----------------------------------------------------------------------
     def dense_level1(self, indptr: torch.Tensor, positions: torch.Tensor,

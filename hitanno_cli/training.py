@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hitanno_cli import artifacts, checkpoint, console
-from hitanno_cli.batches import BUFFER_CELLS, Batch, ShuffledCells, sequential_batches, split_for_rank
+from hitanno_cli.batches import BUFFER_CELLS, Batch, OpenRows, ShuffledCells, sequential_batches, split_for_rank
 from hitanno_cli.errors import UserError
 from hitanno_cli.model import HitAnno, ModelConfig
 from hitanno_cli.panel import Panel
@@ -50,12 +50,16 @@ class TrainOptions:
     warmup_epochs: float = 3.0
     lr: float = 1e-4
     weight_decay: float = 0.0
+    optimizer: str = "adam"
     batch_size: int = 64
     val_fraction: float = 0.25
     patience: int = 3
     min_epochs: int = 5
     seed: int = 42
     class_weight: str = "none"
+    label_smoothing: float = 0.0
+    peak_dropout: float = 0.0
+    embed_init: str = "random"
     precision: str = "auto"
     buffer_cells: int = BUFFER_CELLS
     model: dict[str, Any] = field(default_factory=dict)
@@ -69,11 +73,34 @@ class TrainOptions:
             (self.lr > 0, "--lr must be positive"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
             (self.class_weight in ("none", "balanced"), "--class-weight must be none or balanced"),
+            (self.optimizer in ("adam", "adamw"), "--optimizer must be adam or adamw"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (0 <= self.peak_dropout < 1, "--peak-dropout must be in [0, 1)"),
+            (self.embed_init in ("random", "lsi"), "--embed-init must be random or lsi"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
         ]
         for ok, message in rules:
             if not ok:
                 raise UserError(message, "see hitanno train --help")
+
+
+#: Named sets of option values. ``published`` is SPEC §1.5 (the TrainOptions defaults);
+#: ``default`` is the recipe that won the study in ``docs/recipe.md``.
+RECIPES: dict[str, dict[str, Any]] = {
+    "published": {},
+    "default": {"lr": 1e-3, "batch_size": 256, "optimizer": "adamw", "weight_decay": 0.05,
+                "peak_dropout": 0.5, "label_smoothing": 0.1, "class_weight": "balanced",
+                "model": {"embed_dim": 64}},
+}
+
+
+def recipe_options(name: str = "default", **overrides: Any) -> TrainOptions:
+    """The TrainOptions of a named recipe, with explicit values taking precedence."""
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe '{name}'", f"choose one of {', '.join(RECIPES)}")
+    values = {**RECIPES[name], **overrides}  # a recipe's model sizes are merged below
+    model = {**RECIPES[name].get("model", {}), **overrides.get("model", {})}
+    return TrainOptions(**{**values, "model": model})
 
 
 class Interrupted(Exception):
@@ -212,6 +239,40 @@ def class_weights(targets: np.ndarray, n_types: int, mode: str) -> torch.Tensor 
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def drop_open_peaks(cells: OpenRows, max_rate: float, rng: np.random.Generator) -> OpenRows:
+    """Depth augmentation: each cell loses a random share ``U(0, max_rate)`` of its open peaks."""
+    lengths = np.diff(cells.indptr)
+    rate = np.repeat(rng.uniform(0.0, max_rate, size=cells.n), lengths)
+    keep = rng.random(len(cells.positions)) >= rate
+    indptr = np.zeros_like(cells.indptr)
+    np.cumsum(np.bincount(np.repeat(np.arange(cells.n), lengths)[keep], minlength=cells.n), out=indptr[1:])
+    return OpenRows(indptr, cells.positions[keep])
+
+
+def lsi_peak_embeddings(store: SentenceStore, rows: np.ndarray, dim: int, seed: int) -> torch.Tensor:
+    """Peak identity embeddings from an LSI of the training cells: each panel position's
+    loadings on the top ``dim`` components of the SPEC §1.2 TF-IDF, scaled by their singular
+    values and overall to the random initialisation's size (std 0.02)."""
+    from scipy import sparse
+    from sklearn.utils.extmath import randomized_svd
+
+    parts = [batch.open for batch in sequential_batches(store, rows, 4096)]
+    cells = OpenRows.concat(parts)
+    n_positions = len(store.cell_types) * store.peaks_per_type
+    binary = sparse.csr_matrix((np.ones(len(cells.positions)), cells.positions, cells.indptr),
+                               shape=(cells.n, n_positions))
+    depth = np.maximum(np.diff(cells.indptr), 1)
+    opened = np.asarray(binary.sum(axis=0)).ravel()
+    idf = np.where(opened > 0, cells.n / np.maximum(opened, 1), 0.0)
+    binary.data = np.log1p(1e4 * binary.data / np.repeat(depth, np.diff(cells.indptr)) * idf[binary.indices])
+    k = min(dim, min(binary.shape) - 1)
+    _, singular, components = randomized_svd(binary, k, random_state=seed)
+    loadings = np.zeros((n_positions, dim))
+    loadings[:, :k] = (components.T * singular)
+    loadings *= 0.02 / max(float(np.sqrt((loadings ** 2).mean())), 1e-12)
+    return torch.tensor(loadings, dtype=torch.float32)
+
+
 def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's CSR as tensors on ``device``."""
     return (torch.from_numpy(batch.open.indptr).to(device), torch.from_numpy(batch.open.positions).to(device))
@@ -278,12 +339,18 @@ class Trainer:
             raise UserError("some training process has no cells", "use fewer processes or more cells")
         torch.manual_seed(options.seed)
         self.config = ModelConfig(n_types=n_types, peaks_per_type=store.peaks_per_type, **options.model)
-        self.model = HitAnno(self.config).to(device)
+        self.model = HitAnno(self.config)
+        if options.embed_init == "lsi":
+            with torch.no_grad():
+                self.model.embed.identity.weight.copy_(
+                    lsi_peak_embeddings(store, rows[train_idx], self.config.embed_dim, options.seed))
+        self.model.to(device)
         self.net: torch.nn.Module = self.model
         if world.size > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        optimizer = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(step, self.steps_per_epoch, options.warmup_epochs, options.epochs))
@@ -327,8 +394,10 @@ class Trainer:
         torch.set_rng_state(checkpoint.decode_bytes(state["rng"]["torch"]))
 
     # -- epochs -------------------------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets, weight=self.weights, reduction=reduction)
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+             smoothing: float = 0.0) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, weight=self.weights, reduction=reduction,
+                               label_smoothing=smoothing)
 
     def train_epoch(self, epoch: int, received: list[int], bar: Any) -> float | None:
         """One epoch of updates; None if a signal arrived (the epoch is abandoned)."""
@@ -336,12 +405,15 @@ class Trainer:
         torch.manual_seed(opts.seed * 1_000_003 + epoch * 1_009 + self.world.rank)
         self.net.train()
         total, count = 0.0, 0
+        augment = np.random.default_rng([opts.seed, epoch, self.world.rank, 1])
         for batch in self.train.epoch(opts.seed, epoch, self.world.rank, limit=self.steps_per_epoch):
+            if opts.peak_dropout > 0:
+                batch = Batch(drop_open_peaks(batch.open, opts.peak_dropout, augment), batch.rows, batch.targets)
             indptr, positions = to_device(batch, self.device)
             targets = torch.from_numpy(batch.targets).to(self.device)
             with autocast(self.device, opts.precision):
                 out = self.net(indptr, positions)
-            loss = self.loss(out.logits, targets)
+            loss = self.loss(out.logits, targets, smoothing=opts.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -15,30 +15,43 @@ Gpu = Annotated[Optional[int], typer.Option("--gpu", help="Shorthand for --devic
 Model = Annotated[Path, typer.Option("--model", "-m", help="Model directory written by hitanno train.")]
 
 
+Recipe = Annotated[str, typer.Option("--recipe", help="Named option set: default (the study's best, "
+                                     "docs/recipe.md) or published (SPEC §1.5). Explicit options override it.")]
+
+
 @command
 def train_cmd(
     sentences: Annotated[Path, typer.Option("--sentences", "-s", help="Labelled reference store from encode -l.")],
     panel: Annotated[Path, typer.Option("--panel", "-p", help="The panel the store was encoded with.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")],
-    epochs: Annotated[int, typer.Option(help="Maximum epochs; the learning rate reaches 0 at the last.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Cells per batch (per process under torchrun).")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 1e-4,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.")] = 3.0,
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
-    val_fraction: Annotated[float, typer.Option(help="Stratified share held out for validation (0: none).")] = 0.25,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation loss.")] = 3,
-    min_epochs: Annotated[int, typer.Option(help="Never stop early before this epoch.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the split, initial weights, data order and dropout.")] = 42,
-    class_weight: Annotated[str, typer.Option(help="none, or balanced (weights ∝ 1/class size) for rare types.")] = "none",
+    recipe: Recipe = "default",
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs; the learning rate reaches 0 at the last.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Cells per batch (per process under torchrun).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warm-up length in epochs.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam, or adamw (decoupled weight decay).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay of the optimiser.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Stratified share held out for validation (0: none).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation loss.")] = None,
+    min_epochs: Annotated[Optional[int], typer.Option(help="Never stop early before this epoch.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, initial weights, data order, dropout and augmentation.")] = 42,
+    class_weight: Annotated[Optional[str], typer.Option(help="none, or balanced (weights ∝ 1/class size) for rare types.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the training loss.")] = None,
+    peak_dropout: Annotated[Optional[float], typer.Option(help="Depth augmentation: each training cell loses a "
+                                                          "random share U(0, this) of its open peaks.")] = None,
+    embed_init: Annotated[Optional[str], typer.Option(help="Peak embeddings start random, or from an LSI of "
+                                                      "the reference (lsi).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it), fp32 or bf16.")] = "auto",
-    embed_dim: Annotated[int, typer.Option(help="Embedding size.")] = 128,
-    heads: Annotated[int, typer.Option(help="Attention heads at both levels.")] = 16,
-    ff: Annotated[int, typer.Option(help="Feed-forward size at both levels.")] = 128,
-    level1_layers: Annotated[int, typer.Option(help="Encoder layers within sets.")] = 1,
-    level2_layers: Annotated[int, typer.Option(help="Encoder layers across sets.")] = 1,
-    head_hidden: Annotated[int, typer.Option(help="Hidden size of the classification head.")] = 64,
-    dropout: Annotated[float, typer.Option(help="Hidden-state dropout.")] = 0.1,
+    embed_dim: Annotated[Optional[int], typer.Option(help="Embedding size.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads at both levels.")] = None,
+    ff: Annotated[Optional[int], typer.Option(help="Feed-forward size at both levels.")] = None,
+    level1_layers: Annotated[Optional[int], typer.Option(help="Encoder layers within sets.")] = None,
+    level2_layers: Annotated[Optional[int], typer.Option(help="Encoder layers across sets.")] = None,
+    head_hidden: Annotated[Optional[int], typer.Option(help="Hidden size of the classification head.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Hidden-state dropout.")] = None,
     attention: Annotated[str, typer.Option(help="Level-1 attention: auto, sparse, dense or flash.")] = "auto",
+    linear_path: Annotated[Optional[bool], typer.Option("--linear-path/--no-linear-path", help="Add a linear "
+                                                        "read-out of the open peaks to the logits (beyond SPEC).")] = None,
     buffer_cells: Annotated[int, typer.Option(help="Cells held in memory by the shuffle buffer.")] = 200_000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output.")] = False,
     device: Device = "auto",
@@ -46,16 +59,20 @@ def train_cmd(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train HitAnno on a labelled sentence store (SPEC §1.5 schedule). Ctrl-C saves a resumable state."""
-    from hitanno_cli.training import Interrupted, TrainOptions, train
+    """Train HitAnno on a labelled sentence store (--recipe default, or published: SPEC §1.5).
+    Ctrl-C saves a resumable state."""
+    from hitanno_cli.training import Interrupted, recipe_options, train
 
     model = {"embed_dim": embed_dim, "level1_heads": heads, "level1_ff": ff, "level1_layers": level1_layers,
              "level2_heads": heads, "level2_ff": ff, "level2_layers": level2_layers, "head_hidden": head_hidden,
-             "dropout": dropout, "attention": attention}
-    options = TrainOptions(epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, weight_decay=weight_decay,
-                           batch_size=batch_size, val_fraction=val_fraction, patience=patience,
-                           min_epochs=min_epochs, seed=seed, class_weight=class_weight, precision=precision,
-                           buffer_cells=buffer_cells, model=model)
+             "dropout": dropout, "attention": attention, "linear_path": linear_path}
+    given = {"epochs": epochs, "warmup_epochs": warmup_epochs, "lr": lr, "optimizer": optimizer,
+             "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction,
+             "patience": patience, "min_epochs": min_epochs, "class_weight": class_weight,
+             "label_smoothing": label_smoothing, "peak_dropout": peak_dropout, "embed_init": embed_init}
+    options = recipe_options(recipe, **{k: v for k, v in given.items() if v is not None}, seed=seed,
+                             precision=precision, buffer_cells=buffer_cells,
+                             model={k: v for k, v in model.items() if v is not None})
     try:
         train(sentences, panel, output, options, device=device, gpu=gpu, resume=resume, overwrite=overwrite)
     except Interrupted as stop:

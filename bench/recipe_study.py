@@ -1,0 +1,170 @@
+"""Training-recipe study: many training variants on the Granja benchmark splits, quickly.
+
+Each setting's split (``bench/annotate.py``'s cross-donor and intra) is selected and
+encoded once into ``bench/_work/recipe/<setting>/`` (reference and query stores);
+then every variant only trains (in this process) and predicts the query store. Scores
+are appended to ``bench/results/recipe_study.json`` after every run, so an interrupted
+study loses nothing; a run already recorded is skipped. The baselines of
+``bench/baselines.py`` are computed once per split and recorded alongside.
+
+    python bench/recipe_study.py --variants default,published --settings cross-donor,intra --seeds 42
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from annotate import DATA, RARE, ROOT, split  # noqa: E402
+from baselines import run_baselines, scores  # noqa: E402
+
+from hitanno_cli import console  # noqa: E402
+from hitanno_cli.batches import sequential_batches  # noqa: E402
+from hitanno_cli.checkpoint import load_model  # noqa: E402
+from hitanno_cli.sentences import SentenceStore  # noqa: E402
+from hitanno_cli.training import RECIPES, TrainOptions, recipe_options, train  # noqa: E402
+
+WORK = ROOT / "bench" / "_work" / "recipe"
+OUT = ROOT / "bench" / "results" / "recipe_study.json"
+RARE_TYPES = sorted(set(RARE) | {"23_CD8.EM", "19_CD8.N"})
+
+#: Variants: a recipe name plus option overrides (model options under "model").
+VARIANTS: dict[str, dict[str, Any]] = {
+    "published": {"recipe": "published"},
+    "default": {"recipe": "default"},
+    "no-balance": {"recipe": "default", "class_weight": "none"},
+    "embed32": {"recipe": "default", "model": {"embed_dim": 32}},
+    "embed128": {"recipe": "default", "model": {"embed_dim": 128}},
+    "lr3e-3": {"recipe": "default", "lr": 3e-3},
+    "lr3e-3-lsi": {"recipe": "default", "lr": 3e-3, "embed_init": "lsi"},
+    "linear": {"recipe": "default", "lr": 3e-3, "embed_init": "lsi", "model": {"linear_path": True}},
+}
+
+
+def hitanno(*args: str) -> None:
+    """One ``hitanno`` command in its own process."""
+    result = subprocess.run([sys.executable, "-m", "hitanno_cli", *args, "-q"], cwd=ROOT, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"hitanno {args[0]} failed:\n{result.stderr[-3000:]}")
+
+
+def prepare(setting: str, adata: ad.AnnData | None, subsample: int | None) -> Path:
+    """The setting's panel and stores (made once), and its baselines (computed once)."""
+    work = WORK / (setting if subsample is None else f"{setting}-{subsample}")
+    if (work / "baselines.json").exists():
+        return work
+    if adata is None:
+        adata = ad.read_h5ad(DATA)
+    work.mkdir(parents=True, exist_ok=True)
+    ref, query = split(adata, setting)
+    if subsample is not None:
+        keep = np.sort(np.random.default_rng(0).choice(ref.n_obs, subsample, replace=False))
+        ref = ref[keep].copy()
+    ref.write_h5ad(work / "ref.h5ad")
+    query.write_h5ad(work / "query.h5ad")
+    hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(work / "panel.json"), "--overwrite")
+    for name in ("ref", "query"):
+        hitanno("encode", str(work / f"{name}.h5ad"), "-p", str(work / "panel.json"), "-o",
+                str(work / f"{name}.zarr"), "-l", "cell_type", "--overwrite")
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    base = run_baselines(ref.X.tocsr(), ref.obs["cell_type"].astype(str).to_numpy(), query.X.tocsr(), truth,
+                         RARE_TYPES)
+    (work / "baselines.json").write_text(json.dumps(base, indent=1))
+    return work
+
+
+def options_for(variant: str, seed: int) -> TrainOptions:
+    """A variant's TrainOptions: its recipe, then its overrides."""
+    spec = dict(VARIANTS[variant])
+    recipe = spec.pop("recipe", "default")
+    model = spec.pop("model", {})
+    options = recipe_options(recipe)
+    options = dataclasses.replace(options, **spec, seed=seed, model={**options.model, **model})
+    return options
+
+
+@torch.no_grad()
+def predict_store(model_dir: Path, store_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) labels of a labelled query store."""
+    loaded = load_model(model_dir)
+    store = SentenceStore(store_path)
+    predicted = []
+    for batch in sequential_batches(store, None, 512):
+        indptr, positions = torch.from_numpy(batch.open.indptr), torch.from_numpy(batch.open.positions)
+        predicted.append(loaded.model(indptr, positions).logits.argmax(1).numpy())
+    names = np.array(loaded.class_names, dtype=object)
+    return store.labels(), names[np.concatenate(predicted)]
+
+
+def run_one(work: Path, variant: str, seed: int) -> dict[str, Any]:
+    """Train one variant on a setting and score it on the query."""
+    options = options_for(variant, seed)
+    model_dir = work / f"model_{variant}_{seed}"
+    started = time.perf_counter()
+    train(work / "ref.zarr", work / "panel.json", model_dir, options, device="cpu", overwrite=True)
+    train_s = time.perf_counter() - started
+    truth, predicted = predict_store(model_dir, work / "query.zarr")
+    history = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(model_dir)
+    best = next(m for m in reversed(history) if m["best"])
+    return {"variant": variant, "seed": seed, **scores(truth, predicted, RARE_TYPES),
+            "train_s": round(train_s, 1), "epochs_run": len(history), "best_epoch": best["epoch"],
+            "options": dataclasses.asdict(options),
+            "history": [{k: m[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in m}
+                        for m in history]}
+
+
+def load_results() -> dict[str, Any]:
+    return json.loads(OUT.read_text()) if OUT.exists() else {"runs": [], "baselines": {}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="default")
+    parser.add_argument("--settings", default="cross-donor,intra")
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--subsample", type=int, default=None, help="reference cells kept (e.g. 600)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console.set_quiet(True)
+    results = load_results()
+    adata = None
+    for setting in args.settings.split(","):
+        key = setting if args.subsample is None else f"{setting}-{args.subsample}"
+        work = prepare(setting, adata, args.subsample)
+        results["baselines"][key] = json.loads((work / "baselines.json").read_text())
+        for variant in args.variants.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                if any(r["setting"] == key and r["variant"] == variant and r["seed"] == seed
+                       and r["options"] == dataclasses.asdict(options_for(variant, seed)) for r in results["runs"]):
+                    continue
+                row = {"setting": key, **run_one(work, variant, seed)}
+                results = load_results()
+                results["baselines"][key] = json.loads((work / "baselines.json").read_text())
+                results["runs"].append(row)
+                OUT.parent.mkdir(parents=True, exist_ok=True)
+                OUT.write_text(json.dumps(results, indent=1) + "\n")
+                print(f"{key:16} {variant:28} {seed:3} acc {row['accuracy']:.3f} F1 {row['macro_f1']:.3f} "
+                      f"rare {min(row['rare_f1'].values()):.3f} {row['train_s']:7.1f}s "
+                      f"ep {row['best_epoch']}/{row['epochs_run']}", flush=True)
+    for key, base in results["baselines"].items():
+        for b in base:
+            print(f"{key:16} {b['method']:28} acc {b['accuracy']:.3f} F1 {b['macro_f1']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
