@@ -34,7 +34,7 @@ from baselines import run_baselines, scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "granja2019_bmmc_atac.h5ad"
-RARE = ["21_CD4.N2", "01_HSC", "06_CLP.1", "15_CLP.2"]
+RARE = ["21_CD4.N2", "01_HSC", "06_CLP.1", "15_CLP.2", "19_CD8.N", "23_CD8.EM"]
 SETTINGS = ("cross-donor", "intra")
 
 

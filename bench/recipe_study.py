@@ -40,16 +40,26 @@ WORK = ROOT / "bench" / "_work" / "recipe"
 OUT = ROOT / "bench" / "results" / "recipe_study.json"
 RARE_TYPES = sorted(set(RARE) | {"23_CD8.EM", "19_CD8.N"})
 
-#: Variants: a recipe name plus option overrides (model options under "model").
+#: Variants: a recipe name plus option overrides (model options under "model"). ``v0`` is
+#: the study's starting point (the issue's best batch-64 ideas at batch 256, 64-wide).
+V0 = {"recipe": "default", "embed_init": "random", "embed_lr_scale": 1.0, "model": {"linear_path": False}}
+LINEAR = {**V0, "lr": 3e-3, "embed_init": "lsi", "model": {"linear_path": True}}
 VARIANTS: dict[str, dict[str, Any]] = {
     "published": {"recipe": "published"},
     "default": {"recipe": "default"},
-    "no-balance": {"recipe": "default", "class_weight": "none"},
-    "embed32": {"recipe": "default", "model": {"embed_dim": 32}},
-    "embed128": {"recipe": "default", "model": {"embed_dim": 128}},
-    "lr3e-3": {"recipe": "default", "lr": 3e-3},
-    "lr3e-3-lsi": {"recipe": "default", "lr": 3e-3, "embed_init": "lsi"},
-    "linear": {"recipe": "default", "lr": 3e-3, "embed_init": "lsi", "model": {"linear_path": True}},
+    "v0": V0,
+    "lr3e-3-lsi": {**V0, "lr": 3e-3, "embed_init": "lsi"},
+    "linear": LINEAR,
+    "L-plain": {**LINEAR, "class_weight": "none", "label_smoothing": 0.0, "peak_dropout": 0.0},
+    "L-nobal": {**LINEAR, "class_weight": "none"},
+    "L-nols": {**LINEAR, "label_smoothing": 0.0},
+    "L-nopd": {**LINEAR, "peak_dropout": 0.0},
+    "L-lr1e-3": {**LINEAR, "lr": 1e-3},
+    "E10": {**V0, "embed_init": "lsi", "embed_lr_scale": 10.0},
+    "E10-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 10.0},
+    "E30-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 30.0},
+    "E100-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 100.0},
+    "E30-L-lr3e-3": {**LINEAR, "lr": 3e-3, "embed_lr_scale": 30.0},
 }
 
 

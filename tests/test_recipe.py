@@ -7,14 +7,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hitanno_cli.batches import OpenRows
 from hitanno_cli.checkpoint import read_metadata
 from hitanno_cli.errors import UserError
+from hitanno_cli.model import HitAnno, ModelConfig
 from hitanno_cli.sentences import SentenceStore
-from hitanno_cli.training import RECIPES, TrainOptions, drop_open_peaks, lsi_peak_embeddings, recipe_options
+from hitanno_cli.training import (RECIPES, TrainOptions, drop_open_peaks, lsi_peak_embeddings, parameter_groups,
+                                  recipe_options)
 from conftest import run_cli
 from test_training import TINY_CLI, stores  # noqa: F401 (the fixture)
+
+
+def test_default_recipe_is_pinned() -> None:
+    """Changing the default recipe must be deliberate: update docs/recipe.md and this test."""
+    assert RECIPES["default"] == {
+        "lr": 1e-3, "batch_size": 256, "optimizer": "adamw", "weight_decay": 0.05,
+        "peak_dropout": 0.5, "label_smoothing": 0.1, "class_weight": "balanced",
+        "embed_init": "lsi", "embed_lr_scale": 30.0,
+        "model": {"embed_dim": 64, "linear_path": True},
+    }
+    default = recipe_options()
+    assert (default.epochs, default.warmup_epochs, default.val_fraction, default.patience) == (20, 3.0, 0.25, 3)
+    default.check()
 
 
 def test_published_recipe_is_the_spec_schedule() -> None:
@@ -70,3 +86,25 @@ def test_train_command_takes_the_recipe_then_explicit_flags(stores: dict, tmp_pa
     bad = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "x"),
                   "--recipe", "nope", *TINY_CLI)
     assert bad.exit_code == 2 and "unknown recipe" in bad.stderr
+
+
+def test_linear_path_is_the_same_on_both_level1_paths_and_tables_get_their_own_rate() -> None:
+    config = ModelConfig(n_types=3, peaks_per_type=5, embed_dim=8, level1_heads=2, level2_heads=2, linear_path=True)
+    sparse = HitAnno(config)
+    torch.nn.init.normal_(sparse.linear.weight.weight)
+    dense = HitAnno(ModelConfig(**{**config.to_dict(), "attention": "dense"}))
+    dense.load_state_dict(sparse.state_dict())
+    sparse.eval(), dense.eval()
+    indptr, positions = torch.tensor([0, 2, 2, 5]), torch.tensor([1, 7, 0, 3, 14])
+    assert torch.allclose(sparse(indptr, positions).logits, dense(indptr, positions).logits, atol=1e-5)
+    plain = HitAnno(ModelConfig(**{**config.to_dict(), "linear_path": False}))
+    plain.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("linear.")})
+    plain.eval()
+    wide = sparse.linear(indptr, positions)
+    assert wide.abs().sum() > 0 and wide[1].abs().sum() == 0  # the empty cell gets nothing
+    assert torch.allclose(sparse(indptr, positions).logits, plain(indptr, positions).logits + wide, atol=1e-6)
+    groups = parameter_groups(sparse, 1e-3, 30.0)
+    assert [g["lr"] for g in groups] == [1e-3, 3e-2]
+    tables = {id(p) for p in groups[1]["params"]}
+    assert id(sparse.embed.identity.weight) in tables and id(sparse.linear.weight.weight) in tables
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in sparse.parameters())

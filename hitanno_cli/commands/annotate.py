@@ -41,6 +41,8 @@ def train_cmd(
                                                           "random share U(0, this) of its open peaks.")] = None,
     embed_init: Annotated[Optional[str], typer.Option(help="Peak embeddings start random, or from an LSI of "
                                                       "the reference (lsi).")] = None,
+    embed_lr_scale: Annotated[Optional[float], typer.Option(help="Learning-rate multiplier of the per-peak "
+                                                            "tables (peak embeddings, linear path).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs that support it), fp32 or bf16.")] = "auto",
     embed_dim: Annotated[Optional[int], typer.Option(help="Embedding size.")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Attention heads at both levels.")] = None,
@@ -69,7 +71,8 @@ def train_cmd(
     given = {"epochs": epochs, "warmup_epochs": warmup_epochs, "lr": lr, "optimizer": optimizer,
              "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction,
              "patience": patience, "min_epochs": min_epochs, "class_weight": class_weight,
-             "label_smoothing": label_smoothing, "peak_dropout": peak_dropout, "embed_init": embed_init}
+             "label_smoothing": label_smoothing, "peak_dropout": peak_dropout, "embed_init": embed_init,
+             "embed_lr_scale": embed_lr_scale}
     options = recipe_options(recipe, **{k: v for k, v in given.items() if v is not None}, seed=seed,
                              precision=precision, buffer_cells=buffer_cells,
                              model={k: v for k, v in model.items() if v is not None})

@@ -15,10 +15,10 @@ from hitanno_cli.errors import UserError
 from hitanno_cli.pipeline import STAGES, RunSettings, run
 
 
-def train_options(overrides: dict[str, Any], extra: list[str]) -> Any:
-    """TrainOptions from the named options plus ``KEY=VALUE`` pairs (model sizes included)."""
+def train_options(overrides: dict[str, Any], extra: list[str], recipe: str = "default") -> Any:
+    """TrainOptions of a recipe, then the named options, then ``KEY=VALUE`` pairs (model sizes included)."""
     from hitanno_cli.model import ModelConfig
-    from hitanno_cli.training import TrainOptions
+    from hitanno_cli.training import TrainOptions, recipe_options
 
     fields = {f.name: f for f in dataclasses.fields(TrainOptions) if f.name != "model"}
     model_fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name not in ("n_types", "peaks_per_type")}
@@ -36,7 +36,7 @@ def train_options(overrides: dict[str, Any], extra: list[str]) -> Any:
         except ValueError:
             raise UserError(f"--train-option {item}: '{text}' is not a {type(default).__name__}", "fix the value") from None
         (values if key in fields else model)[key] = value
-    return TrainOptions(**values, model=model)
+    return recipe_options(recipe, **values, model=model)
 
 
 @command
@@ -52,6 +52,7 @@ def run_cmd(
     min_cells: Annotated[int, typer.Option(help="Refuse reference types with fewer cells.")] = 10,
     exclude_types: Annotated[Optional[str], typer.Option(help="Comma-separated types to leave out.")] = None,
     min_coverage: Annotated[float, typer.Option(help="Refuse a query holding less of the panel.")] = 0.5,
+    recipe: Annotated[str, typer.Option(help="Training recipe: default or published (see hitanno train).")] = "default",
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: hitanno train's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default: hitanno train's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: hitanno train's).")] = None,
@@ -67,7 +68,7 @@ def run_cmd(
 ) -> None:
     """Run select-peaks → encode → train → predict → evaluate, skipping up-to-date stages."""
     options = train_options({"epochs": epochs, "batch_size": batch_size, "lr": lr,
-                             "class_weight": class_weight, "seed": seed}, train_option or [])
+                             "class_weight": class_weight, "seed": seed}, train_option or [], recipe)
     settings = RunSettings(peaks_per_type=peaks_per_type, min_cells=min_cells,
                            exclude_types=split_list(exclude_types), min_coverage=min_coverage,
                            min_confidence=min_confidence, device=device, gpu=gpu, train=options)
