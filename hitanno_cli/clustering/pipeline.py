@@ -1,0 +1,157 @@
+"""``hitanno cluster`` end to end: read, preprocess, train, assign, write; and applying a
+saved model to data again."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hitanno_cli import artifacts, console
+from hitanno_cli.clustering import io
+from hitanno_cli.clustering.graph import GraphConfig, check_neighbors
+from hitanno_cli.clustering.preprocess import apply, describe, prepare, read_counts
+from hitanno_cli.clustering.train import TrainConfig, embed_and_assign, fit
+from hitanno_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Everything ``hitanno cluster`` is told (the published defaults, SPEC §2)."""
+
+    label_key: str | None = None
+    modality: str = "rna"
+    n_hvg: int = 2500
+    graph: GraphConfig = GraphConfig()
+    n_heads: int = 8
+    adjacency: str = "normalized"
+    max_cells: int = 4000
+    train: TrainConfig = TrainConfig()
+    device: str = "auto"
+    layer: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"label_key": self.label_key, "modality": self.modality, "n_hvg": self.n_hvg,
+                "graph": self.graph.__dict__, "n_heads": self.n_heads, "adjacency": self.adjacency, "max_cells": self.max_cells,
+                "train": self.train.to_dict(), "device": self.device, "layer": self.layer}
+
+    def check(self) -> None:
+        """Refuse option values that cannot work, before any data is read."""
+        if self.graph.n_pcs < 0:
+            raise UserError(f"--graph-pcs {self.graph.n_pcs} cannot be negative", "pass 0 (published) or more")
+        positive = {"--n-hvg": self.n_hvg, "--n-heads": self.n_heads, "--max-cells": self.max_cells,
+                    "--batch-size": self.train.batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"{name} {value} must be at least 1", f"pass a positive {name}")
+        if self.train.batch_size < 2:
+            raise UserError("--batch-size must be at least 2 (BatchNorm needs two cells)", "pass --batch-size 2 or more")
+        if self.train.pretrain_epochs < 0 or self.train.cluster_epochs < 0:
+            raise UserError("epochs cannot be negative", "pass --pretrain-epochs and --cluster-epochs of 0 or more")
+        if not self.train.lr > 0:
+            raise UserError(f"--lr {self.train.lr} must be positive", "pass e.g. --lr 1e-3")
+        if not self.train.resolution > 0:
+            raise UserError(f"--resolution {self.train.resolution} must be positive", "pass e.g. --resolution 1.0")
+        if self.graph.connectivity == "umap" and not self.graph.knn:
+            raise UserError("--connectivity umap builds a kNN graph; --no-knn applies to gauss only",
+                            "drop --no-knn or use --connectivity gauss")
+        check_neighbors(10**9, self.graph.n_neighbors)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def relabel_centroids(labels: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop centroids no cell chose and number the rest 0.. from the largest cluster, so
+    that assigning with the returned centroids gives the returned labels."""
+    sizes = np.bincount(labels, minlength=centroids.shape[0])
+    used = np.flatnonzero(sizes)
+    order = used[np.lexsort((used, -sizes[used]))]
+    new_id = np.full(centroids.shape[0], -1, dtype=np.int64)
+    new_id[order] = np.arange(order.size)
+    return new_id[labels], centroids[order]
+
+
+def run_cluster(data_path: str | Path, out: str | Path, options: ClusterOptions, overwrite: bool = False) -> dict[str, Any]:
+    """Cluster ``data_path`` and write the output directory ``out``; returns the metrics."""
+    start = time.perf_counter()
+    out = Path(out)
+    options.check()
+    artifacts.refuse_existing(out, overwrite)
+    from hitanno_cli.clustering.train import resolve_device
+
+    device = resolve_device(options.device)
+    counts = read_counts(data_path, options.label_key, options.layer, integer=options.modality == "rna")
+    data = prepare(counts, options.modality, options.n_hvg, options.train.seed)
+    check_neighbors(min(data.n_cells, options.max_cells), options.graph.n_neighbors)
+    summary = describe(data)
+    if summary["n_empty_cells"]:
+        console.warn(f"{summary['n_empty_cells']} cells without counts are left out (empty cluster in labels.csv)")
+    console.info(f"cluster: {data.n_cells} cells × {data.features.n_features} features "
+                 f"({options.modality}) on {device}")
+    result, trainer = fit(data, options.graph, options.train, options.n_heads, device, options.max_cells,
+                          options.adjacency)
+    assign_start = time.perf_counter()
+    if result.train_index.size == data.n_cells:
+        z_t = trainer.embed()
+        z, labels = z_t.cpu().numpy(), trainer.assign(z_t)
+    else:
+        z, labels = embed_and_assign(result.model, result.centroids, data, options.graph,
+                                     options.train.batch_size, options.train.seed, device)
+    labels, centroids = relabel_centroids(labels, result.centroids)
+    assign_seconds = time.perf_counter() - assign_start
+
+    inputs = {"data": artifacts.sha256_file(data_path)}
+    header = artifacts.make_header(artifacts.CLUSTER_MODEL, options.params(), inputs)
+    metrics = io.cluster_metrics(z, labels, data.labels, options.train.seed)
+    history = result.history.summary()
+    history["seconds"]["assign"] = round(assign_seconds, 2)
+    metrics.update({
+        "data": summary,
+        "n_training_cells": int(result.train_index.size),
+        "training": history,
+        "seconds_total": None,
+        "peak_rss_gib": None,
+        "device": str(device),
+        "header": header,
+    })
+    with artifacts.atomic_dir(out, overwrite=overwrite) as tmp:
+        io.write_labels(tmp / io.LABELS, counts.cell_ids, labels, data.kept)
+        io.write_embedding(tmp / io.EMBEDDING, counts.cell_ids, z, labels, data.kept, header)
+        io.save_model(tmp / io.MODEL, result.model, centroids, data.transform, options.graph,
+                      options.train.to_dict(), header)
+        xy, method = io.project_2d(z, options.train.seed)
+        io.plot_embedding(tmp / io.PICTURE, xy, method, labels, data.labels, Path(data_path).name)
+        metrics["picture"] = method
+        metrics["seconds_total"] = round(time.perf_counter() - start, 2)
+        metrics["peak_rss_gib"] = round(peak_rss_gib(), 3)
+        artifacts.write_json(tmp / io.METRICS, metrics)
+    scores = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("silhouette", "davies_bouldin", "ari", "nmi")
+                       if metrics.get(k) is not None)
+    console.info(f"cluster: {metrics['n_clusters']} clusters ({scores}) → {out}")
+    return metrics
+
+
+def predict(model_path: str | Path, data_path: str | Path, device: str = "auto",
+            layer: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply a saved clusterer to a data set: ``(cell_ids, labels, z)`` of its cells with
+    counts. On the data it was trained on (all cells trained, ``--max-cells`` not
+    exceeded), the labels are the ones ``hitanno cluster`` wrote."""
+    saved = io.load_model(model_path)
+    dev = torch.device("cpu") if device == "auto" and not torch.cuda.is_available() else torch.device(
+        "cuda" if device == "auto" else device)
+    counts = read_counts(data_path, layer=layer, integer=saved.transform.modality == "rna")
+    data = apply(counts, saved.transform)
+    check_neighbors(data.n_cells, saved.graph_config.n_neighbors)
+    z, labels = embed_and_assign(saved.model, saved.centroids, data, saved.graph_config, saved.batch_size,
+                                 saved.seed, dev)
+    return data.cell_ids, labels, z
