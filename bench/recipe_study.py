@@ -60,6 +60,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "E30-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 30.0},
     "E100-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 100.0},
     "E30-L-lr3e-3": {**LINEAR, "lr": 3e-3, "embed_lr_scale": 30.0},
+    "default-b16": {"recipe": "default", "batch_size": 16},
+    "default-b16-nobal": {"recipe": "default", "batch_size": 16, "class_weight": "none"},
 }
 
 
@@ -85,7 +87,9 @@ def prepare(setting: str, adata: ad.AnnData | None, subsample: int | None) -> Pa
         ref = ref[keep].copy()
     ref.write_h5ad(work / "ref.h5ad")
     query.write_h5ad(work / "query.h5ad")
-    hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(work / "panel.json"), "--overwrite")
+    rare_ok = [] if subsample is None else ["--min-cells", "2"]  # a small reference keeps its rare types
+    hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(work / "panel.json"), "--overwrite",
+            *rare_ok)
     for name in ("ref", "query"):
         hitanno("encode", str(work / f"{name}.h5ad"), "-p", str(work / "panel.json"), "-o",
                 str(work / f"{name}.zarr"), "-l", "cell_type", "--overwrite")
