@@ -21,9 +21,9 @@ import scipy.sparse as sp
 class SimulationConfig:
     """Sizes and effect strengths of a simulated reference/query pair."""
 
-    n_ref: int = 3000
-    n_query: int = 1500
-    n_peaks: int = 4000
+    n_ref: int = 2000
+    n_query: int = 1000
+    n_peaks: int = 3000
     n_types: int = 8
     n_lineages: int = 3
     open_fraction: float = 0.03  # mean share of peaks open in a cell
