@@ -354,7 +354,7 @@ class HitAnno(nn.Module):
         ``e_s,p = exp(q_t·K_s,p/√d − m_t,h)``; everything but the two sums over open
         peaks is computed once per call for the whole panel.
         """
-        panel = self.panel_attention_terms()
+        panel = self.cached_panel_terms()
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
         rows = cell_of_entries(indptr, positions.numel()) * t + torch.div(positions, p, rounding_mode="floor")
@@ -417,6 +417,19 @@ class HitAnno(nn.Module):
         own = panel.self_logit.expand(b, t, -1).unsqueeze(2)
         scores = torch.cat([own, logits], dim=2).softmax(dim=2)
         return scores[:, :, 1:].mean(dim=-1)
+
+    def cached_panel_terms(self) -> PanelTerms:
+        """The panel terms, computed once and reused while no gradient is taken and no
+        parameter has changed (inference), else afresh (training needs their graph)."""
+        if torch.is_grad_enabled():
+            self._panel_cache = None
+            return self.panel_attention_terms()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = getattr(self, "_panel_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, self.panel_attention_terms())
+            self._panel_cache = cache
+        return cache[1]
 
     def panel_attention_terms(self) -> PanelTerms:
         """The cell-independent quantities of the sparse path, for the whole panel."""

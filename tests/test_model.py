@@ -265,3 +265,23 @@ def test_tiny_model_overfits_a_tiny_synthetic_set() -> None:
         optimiser.step()
     model.eval()
     assert bool((model(indptr, positions).logits.argmax(-1) == labels).all())
+
+
+def test_inference_reuses_panel_terms_until_a_parameter_changes() -> None:
+    torch.manual_seed(0)
+    model = HitAnno(ModelConfig(n_types=3, peaks_per_type=20, embed_dim=16, level1_heads=2, level2_heads=2,
+                                level1_ff=16, level2_ff=16, head_hidden=8)).eval()
+    indptr = torch.tensor([0, 3, 5])
+    positions = torch.tensor([0, 21, 45, 7, 59])
+    fresh = model(indptr, positions).logits.detach()  # gradients on: computed afresh
+    with torch.no_grad():
+        first = model(indptr, positions).logits
+        assert model._panel_cache is not None
+        cached = model._panel_cache[1]
+        again = model(indptr, positions).logits
+        assert model._panel_cache[1] is cached  # reused, not recomputed
+        torch.testing.assert_close(first, fresh)
+        torch.testing.assert_close(again, fresh)
+        model.embed.identity.weight.add_(torch.randn_like(model.embed.identity.weight))  # in place, as an optimiser
+        changed = model(indptr, positions).logits
+    assert model._panel_cache[1] is not cached and not torch.allclose(changed, fresh)
