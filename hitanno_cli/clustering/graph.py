@@ -52,9 +52,6 @@ class GraphConfig:
 
 def check_neighbors(n_cells: int, n_neighbors: int) -> None:
     """Refuse a graph with more neighbours than there are cells."""
-    if n_neighbors < 2:
-        raise UserError(f"--n-neighbors {n_neighbors} is too small (it counts the cell itself)",
-                        "pass --n-neighbors 2 or more")
     if n_cells < n_neighbors:
         raise UserError(f"only {n_cells} cells with counts, fewer than --n-neighbors {n_neighbors}",
                         f"pass --n-neighbors {max(n_cells, 2)} or less, or more cells")

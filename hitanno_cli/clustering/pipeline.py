@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hitanno_cli import artifacts, console
 from hitanno_cli.clustering import io
 from hitanno_cli.clustering.graph import GraphConfig, check_neighbors
 from hitanno_cli.clustering.preprocess import apply, describe, prepare, read_counts
-from hitanno_cli.clustering.train import TrainConfig, embed_and_assign, fit
+from hitanno_cli.clustering.train import TrainConfig, embed_and_assign, fit, resolve_device
 from hitanno_cli.errors import UserError
 
 
@@ -61,7 +60,9 @@ class ClusterOptions:
         if self.graph.connectivity == "umap" and not self.graph.knn:
             raise UserError("--connectivity umap builds a kNN graph; --no-knn applies to gauss only",
                             "drop --no-knn or use --connectivity gauss")
-        check_neighbors(10**9, self.graph.n_neighbors)
+        if self.graph.n_neighbors < 2:
+            raise UserError(f"--n-neighbors {self.graph.n_neighbors} is too small (it counts the cell itself)",
+                            "pass --n-neighbors 2 or more")
 
 
 def peak_rss_gib() -> float:
@@ -87,8 +88,6 @@ def run_cluster(data_path: str | Path, out: str | Path, options: ClusterOptions,
     out = Path(out)
     options.check()
     artifacts.refuse_existing(out, overwrite)
-    from hitanno_cli.clustering.train import resolve_device
-
     device = resolve_device(options.device)
     counts = read_counts(data_path, options.label_key, options.layer, integer=options.modality == "rna")
     data = prepare(counts, options.modality, options.n_hvg, options.train.seed)
@@ -147,8 +146,7 @@ def predict(model_path: str | Path, data_path: str | Path, device: str = "auto",
     counts. On the data it was trained on (all cells trained, ``--max-cells`` not
     exceeded), the labels are the ones ``hitanno cluster`` wrote."""
     saved = io.load_model(model_path)
-    dev = torch.device("cpu") if device == "auto" and not torch.cuda.is_available() else torch.device(
-        "cuda" if device == "auto" else device)
+    dev = resolve_device(device)
     counts = read_counts(data_path, layer=layer, integer=saved.transform.modality == "rna")
     data = apply(counts, saved.transform)
     check_neighbors(data.n_cells, saved.graph_config.n_neighbors)

@@ -34,7 +34,7 @@ import torch
 
 from hitanno_cli import console
 from hitanno_cli.clustering import losses
-from hitanno_cli.clustering.graph import GraphConfig, build_graph, gcn_adjacency, leiden, relabel_by_size
+from hitanno_cli.clustering.graph import GraphConfig, build_graph, gcn_adjacency, leiden
 from hitanno_cli.clustering.model import AttentionAE, ModelConfig
 from hitanno_cli.clustering.preprocess import Features, Prepared, pca
 
@@ -257,8 +257,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         for lo in range(0, self.n, INFER_CHUNK):
-            idx = np.arange(lo, min(lo + INFER_CHUNK, self.n))
-            self.e1[lo : idx[-1] + 1] = model.encode_1(torch.from_numpy(self.data.features.rows(idx)).to(self.device))
+            hi = min(lo + INFER_CHUNK, self.n)
+            self.e1[lo:hi] = model.encode_1(torch.from_numpy(self.data.features.rows(slice(lo, hi))).to(self.device))
         self.h1 = model.gnn_1(self.adj, self.e1)
         self.h2 = model.gnn_2(self.adj, self.h1)
         model.train(was_training)
@@ -294,8 +294,7 @@ class Trainer:
         """ZINB (or Bernoulli) + 0.1 × graph loss; Adam; lr halves every 40 epochs."""
         cfg, model = self.cfg, self.model
         start = time.perf_counter()
-        if not self.full_batch:
-            self._warm_batchnorm()
+        self._warm_batchnorm()
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         params = list(model.parameters())
@@ -355,7 +354,7 @@ class Trainer:
         with console.progress("cluster: self-train", cfg.cluster_epochs, unit="epochs") as bar:
             for epoch in range(cfg.cluster_epochs):
                 with torch.no_grad():
-                    q_all = losses.soft_assign(self.embed(), self.centroids)
+                    q_all = losses.soft_assign(self._embed_refreshing_caches(), self.centroids)
                     p_all = losses.target_distribution(q_all)
                 labels = q_all.argmax(dim=1).cpu().numpy()
                 if last is not None:
@@ -366,7 +365,6 @@ class Trainer:
                         console.info(f"cluster: {delta:.4%} of labels changed at epoch {epoch}; stopping")
                         break
                 last = labels
-                self._refresh_caches()
                 model.train()
                 total = 0.0
                 for idx in self._batches():
@@ -389,6 +387,14 @@ class Trainer:
     def embed(self) -> torch.Tensor:
         return embed(self.model, self.data.features, self.adj, self.key_index, self.device)
 
+    def _embed_refreshing_caches(self) -> torch.Tensor:
+        """:meth:`embed`, keeping its encoder and GCN features as the new caches."""
+        if self.full_batch:
+            return self.embed()
+        z, (self.e1, self.h1, self.h2) = embed(self.model, self.data.features, self.adj, self.key_index,
+                                               self.device, keep_features=True)
+        return z
+
     def assign(self, z: torch.Tensor) -> np.ndarray:
         return assign(z, self.centroids)
 
@@ -402,10 +408,11 @@ def key_index(n: int, n_keys: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def embed(model: AttentionAE, features: Features, adj: torch.Tensor, keys: np.ndarray,
-          device: torch.device, chunk: int = INFER_CHUNK) -> torch.Tensor:
+          device: torch.device, chunk: int = INFER_CHUNK, keep_features: bool = False):
     """Latent codes of all cells in evaluation mode (no noise, no dropout), in chunks.
 
-    With ``keys`` all cells this equals ``model(x, adj).z`` on the whole data set."""
+    With ``keys`` all cells this equals ``model(x, adj).z`` on the whole data set. With
+    ``keep_features`` returns ``(z, (e1, h1, h2))``, the encoder and GCN features too."""
     was_training = model.training
     model.eval()
     n = features.n_cells
@@ -414,6 +421,7 @@ def embed(model: AttentionAE, features: Features, adj: torch.Tensor, keys: np.nd
     h1 = model.gnn_1(adj, e1)
     h2 = model.gnn_2(adj, h1)
     enc_h2 = model.encode_2(e1)
+    kept = (e1, h1, h2) if keep_features else None
     del e1
     key_t = torch.from_numpy(keys).to(device)
     k1, v1 = model.attn1.project_kv(enc_h2[key_t])
@@ -422,7 +430,7 @@ def embed(model: AttentionAE, features: Features, adj: torch.Tensor, keys: np.nd
     k2, v2 = model.attn2.project_kv(z0[key_t])
     z = torch.cat([model.attn2.attend(k2, v2, h2[lo:hi]) + z0[lo:hi] for lo, hi in spans])
     model.train(was_training)
-    return z
+    return (z, kept) if keep_features else z
 
 
 @torch.no_grad()
@@ -485,7 +493,3 @@ def embed_and_assign(model: AttentionAE, centroids: np.ndarray, data: Prepared, 
     labels = assign(z, torch.from_numpy(centroids).to(device))
     return z.cpu().numpy(), labels
 
-
-def final_labels(labels: np.ndarray) -> np.ndarray:
-    """Clusters renumbered 0.. by size (DEC may leave some centroids without cells)."""
-    return relabel_by_size(labels)
