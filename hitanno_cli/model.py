@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -252,6 +253,31 @@ def cell_of_entries(indptr: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(rows, counts, output_size=nnz)
 
 
+def open_set_matrix(indptr: torch.Tensor, positions: torch.Tensor, n_types: int, peaks_per_type: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 0/1 CSR matrix ``[B*T, T*P]`` with a one at (cell·T + set, position) per open peak.
+
+    Multiplying it by a per-position table sums that table over each (cell, set)'s open
+    peaks; a sparse product is an order of magnitude faster than gather + scatter-add, in
+    both directions. Also returns the entries' rows and their positions in row order.
+    """
+    n_positions = n_types * peaks_per_type
+    cells = cell_of_entries(indptr, positions.numel())
+    key = cells * n_positions + positions
+    if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+        key = torch.unique(key)  # sorted (CSR wants sorted columns per row); repeats count once
+        cells, positions = torch.div(key, n_positions, rounding_mode="floor"), key % n_positions
+    rows = cells * n_types + torch.div(positions, peaks_per_type, rounding_mode="floor")
+    n_rows = (indptr.numel() - 1) * n_types
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=positions.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    ones = torch.ones(positions.numel(), dtype=dtype, device=positions.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(crow, positions, ones, (n_rows, n_positions), check_invariants=False)
+    return matrix, rows, positions
+
+
 def dense_states(indptr: torch.Tensor, positions: torch.Tensor, n_positions: int) -> torch.Tensor:
     """CSR open positions → boolean ``[B, n_positions]`` states (True = open)."""
     states = torch.zeros(indptr.numel() - 1, n_positions, dtype=torch.bool, device=positions.device)
@@ -357,14 +383,12 @@ class HitAnno(nn.Module):
         panel = self.cached_panel_terms()
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
-        rows = cell_of_entries(indptr, positions.numel()) * t + torch.div(positions, p, rounding_mode="floor")
+        indicator, rows, positions = open_set_matrix(indptr, positions, t, p, panel.deltas.dtype)
         h = panel.z_closed.shape[-1]
         with torch.autocast(device_type=positions.device.type, enabled=False):
-            # one gather and one scatter-add over the batch's open peaks for Z, N and the
-            # closed mass they remove (which measures the cancellation)
-            deltas = panel.deltas.index_select(0, positions)
-            sums = torch.zeros(b * t, deltas.shape[1], dtype=deltas.dtype, device=deltas.device)
-            sums = sums.index_add_(0, rows, deltas).view(b, t, -1) + panel.closed
+            # one sparse × dense product over the batch's open peaks for Z, N and the closed
+            # mass they remove (which measures the cancellation)
+            sums = torch.sparse.mm(indicator, panel.deltas).view(b, t, -1) + panel.closed
             z, n, cancelled = sums.view(b * t, -1).split([h, sums.shape[-1] - 2 * h, h], dim=1)
             ill = self.ill_conditioned_rows(z.detach(), cancelled)
             z = torch.where(ill.unsqueeze(-1), torch.ones_like(z), z)
