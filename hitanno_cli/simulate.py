@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
+
+if TYPE_CHECKING:  # anndata and pandas load when data is made: `hitanno --help` stays quick
+    import anndata as ad
+    import pandas as pd
 
 
 @dataclass
@@ -80,6 +83,9 @@ def _cells(rates: np.ndarray, labels: np.ndarray, depth: np.ndarray, open_fracti
 
 def simulate(cfg: SimulationConfig) -> tuple[ad.AnnData, ad.AnnData]:
     """A reference and a query AnnData (raw counts, CSR float32) with ``cell_type`` labels."""
+    import anndata as ad
+    import pandas as pd
+
     rng = np.random.default_rng(cfg.seed)
     rates, lineage_of = _peak_rates(cfg, rng)
     names = [f"type_{t:02d}_L{lineage_of[t]}" for t in range(cfg.n_types)]
@@ -108,6 +114,8 @@ def simulate(cfg: SimulationConfig) -> tuple[ad.AnnData, ad.AnnData]:
 
 def _peak_table(n_peaks: int, rng: np.random.Generator) -> pd.DataFrame:
     """Peak coordinates on a few chromosomes, named ``chr:start-end``."""
+    import pandas as pd
+
     chroms = np.sort(rng.integers(1, 6, size=n_peaks))
     starts = np.zeros(n_peaks, dtype=np.int64)
     for c in np.unique(chroms):

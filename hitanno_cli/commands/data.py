@@ -11,7 +11,7 @@ import typer
 from hitanno_cli import artifacts, console
 from hitanno_cli.commands.common import Overwrite, Quiet, command
 from hitanno_cli.errors import UserError
-from hitanno_cli.simulate import SimulationConfig, write_pair
+from hitanno_cli.simulate import SimulationConfig
 
 _DEFAULTS = SimulationConfig()
 
@@ -38,6 +38,8 @@ def simulate_cmd(
                            n_lineages=max(1, n_types // 3), open_fraction=open_fraction,
                            batch_peak_share=batch_peak_share, seed=seed,
                            min_type_cells=min(_DEFAULTS.min_type_cells, (n_ref + n_query) // (2 * n_types)))
+    from hitanno_cli.simulate import write_pair
+
     with artifacts.atomic_dir(output, overwrite) as tmp:
         write_pair(cfg, tmp)
     console.info(f"simulate: {n_ref} reference + {n_query} query cells × {n_peaks} peaks, "

@@ -10,11 +10,12 @@ from rich.table import Table
 
 from hitanno_cli import artifacts, console
 from hitanno_cli.commands.common import Overwrite, Quiet, command
-from hitanno_cli.evaluation import HEADLINE, evaluate
 
 
 def print_summary(metrics: dict[str, Any], out: Path) -> None:
     """The headline metrics as a rich table on stderr."""
+    from hitanno_cli.evaluation import HEADLINE
+
     table = Table(title="hitanno evaluate", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -39,6 +40,8 @@ def evaluate_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Score predictions: metrics.json, confusion heatmap, per-type F1, embedding map, report.html."""
+    from hitanno_cli.evaluation import evaluate  # scikit-learn loads only when scoring
+
     artifacts.refuse_existing(output, overwrite)
     metrics = evaluate(predictions, truth, label_key, output, overwrite, embedding_map)
     print_summary(metrics, output)
