@@ -73,6 +73,7 @@ class ModelConfig:
     dropout: float = 0.1
     attention: str = "auto"
     linear_path: bool = False  # beyond SPEC: add a linear read-out of the open peaks to the logits
+    linear_idf: bool = False  # weigh the linear path's open peaks by the reference's idf (TF-IDF)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -232,18 +233,24 @@ class TokenEmbedding(nn.Module):
 
 
 class LinearPath(nn.Module):
-    """Per-type logits linear in the open peaks, ``Σ_open w_p / √n_open`` (nearly free of
-    depth, and each weight still moves the logits as fast as the transformer's): a wide
-    path beside the transformer, like a logistic regression on the open peaks."""
+    """Per-type logits linear in a cell's L2-normalised TF-IDF row (SPEC §1.2 TF-IDF of its
+    open peaks, ``log(1 + 1e4 · idf_p / n_open)``): a "wide" path beside the transformer,
+    like a logistic regression. With ``idf`` all ones (no idf) every open peak weighs
+    ``1 / √n_open``; the trainer sets ``idf`` from the reference when ``linear_idf``."""
 
     def __init__(self, n_positions: int, n_types: int) -> None:
         super().__init__()
         self.weight = nn.EmbeddingBag(n_positions, n_types, mode="sum")
         nn.init.zeros_(self.weight.weight)
+        self.register_buffer("idf", torch.ones(n_positions))
 
     def forward(self, indptr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        n_open = (indptr[1:] - indptr[:-1]).clamp(min=1).unsqueeze(1)
-        return self.weight(positions, indptr[:-1]) / n_open.to(self.weight.weight.dtype).sqrt()
+        n_open = (indptr[1:] - indptr[:-1]).clamp(min=1).to(self.idf.dtype)
+        cells = cell_of_entries(indptr, positions.numel())
+        values = torch.log1p(1e4 * self.idf[positions] / n_open[cells])
+        norm = torch.zeros_like(n_open).index_add_(0, cells, values * values).sqrt().clamp(min=1e-12)
+        weights = (values / norm[cells]).to(self.weight.weight.dtype)
+        return self.weight(positions, indptr[:-1], per_sample_weights=weights)
 
 
 def cell_of_entries(indptr: torch.Tensor, nnz: int) -> torch.Tensor:

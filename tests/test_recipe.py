@@ -15,7 +15,7 @@ from hitanno_cli.errors import UserError
 from hitanno_cli.model import HitAnno, ModelConfig
 from hitanno_cli.sentences import SentenceStore
 from hitanno_cli.training import (RECIPES, TrainOptions, drop_open_peaks, lsi_peak_embeddings, parameter_groups,
-                                  recipe_options)
+                                  recipe_options, reference_tfidf)
 from conftest import run_cli
 from test_training import TINY_CLI, stores  # noqa: F401 (the fixture)
 
@@ -23,13 +23,14 @@ from test_training import TINY_CLI, stores  # noqa: F401 (the fixture)
 def test_default_recipe_is_pinned() -> None:
     """Changing the default recipe must be deliberate: update docs/recipe.md and this test."""
     assert RECIPES["default"] == {
-        "lr": 1e-3, "batch_size": 256, "optimizer": "adamw", "weight_decay": 0.05,
-        "peak_dropout": 0.5, "label_smoothing": 0.1, "class_weight": "balanced",
+        "lr": 1e-3, "batch_size": 256, "min_steps_per_epoch": 16, "optimizer": "adamw",
+        "weight_decay": 0.05, "epochs": 8, "warmup_epochs": 2.0, "val_fraction": 0.0,
+        "peak_dropout": 0.5, "label_smoothing": 0.2, "class_weight": "balanced",
         "embed_init": "lsi", "embed_lr_scale": 30.0,
-        "model": {"embed_dim": 64, "linear_path": True},
+        "model": {"embed_dim": 32, "linear_path": True},
     }
     default = recipe_options()
-    assert (default.epochs, default.warmup_epochs, default.val_fraction, default.patience) == (20, 3.0, 0.25, 3)
+    assert (default.epochs, default.warmup_epochs, default.val_fraction, default.patience) == (8, 2.0, 0.0, 3)
     default.check()
 
 
@@ -66,13 +67,14 @@ def test_peak_dropout_keeps_a_seeded_subset_of_each_cells_peaks() -> None:
 def test_lsi_embeddings_give_co_opened_peaks_similar_vectors(stores: dict) -> None:  # noqa: F811
     store = SentenceStore(stores["ref"])
     rows = np.arange(store.n_cells)
-    table = lsi_peak_embeddings(store, rows, 16, seed=0).numpy()
+    tfidf, _ = reference_tfidf(store, rows)
+    table = lsi_peak_embeddings(tfidf, 16, seed=0).numpy()
     n_positions = len(store.cell_types) * store.peaks_per_type
     assert table.shape == (n_positions, 16) and np.sqrt((table ** 2).mean()) == pytest.approx(0.02, rel=1e-4)
     indptr, positions = store.read_open(0, store.n_cells)
     never = np.setdiff1d(np.arange(n_positions), positions)
     assert np.abs(table[never]).max() == 0 if len(never) else True
-    assert np.array_equal(table, lsi_peak_embeddings(store, rows, 16, seed=0).numpy())
+    assert np.array_equal(table, lsi_peak_embeddings(tfidf, 16, seed=0).numpy())
 
 
 def test_train_command_takes_the_recipe_then_explicit_flags(stores: dict, tmp_path: Path) -> None:  # noqa: F811
@@ -108,3 +110,53 @@ def test_linear_path_is_the_same_on_both_level1_paths_and_tables_get_their_own_r
     tables = {id(p) for p in groups[1]["params"]}
     assert id(sparse.embed.identity.weight) in tables and id(sparse.linear.weight.weight) in tables
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in sparse.parameters())
+
+
+def test_class_weights_weigh_cells_not_the_smoothing_mass() -> None:
+    """Each cell's smoothed loss is scaled by its own class's weight; the mean divides by the
+    weights' sum. (PyTorch's ``weight=`` would also weigh every other class's smoothing term.)"""
+    from hitanno_cli.training import weighted_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(12, 5, generator=gen), torch.randint(0, 5, (12,), generator=gen)
+    weights = torch.tensor([1.0, 4.0, 0.5, 2.0, 8.0])
+    log_p = logits.log_softmax(1)
+    smoothed = -(0.8 * log_p[torch.arange(12), targets] + 0.2 / 5 * log_p.sum(1))
+    w = weights[targets]
+    expected = float((w * smoothed).sum() / w.sum())
+    assert float(weighted_cross_entropy(logits, targets, weights, 0.2)) == pytest.approx(expected, rel=1e-6)
+    torch_weighted = float(torch.nn.functional.cross_entropy(logits, targets, weight=weights, label_smoothing=0.2))
+    assert abs(torch_weighted - expected) > 1e-3
+    plain = torch.nn.functional.cross_entropy(logits, targets, weight=weights)
+    assert float(weighted_cross_entropy(logits, targets, weights)) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_batch_shrinks_to_give_small_references_enough_steps() -> None:
+    from hitanno_cli.training import effective_batch_size
+
+    assert effective_batch_size(256, 16, 7700) == 256
+    assert effective_batch_size(256, 16, 600) == 37
+    assert effective_batch_size(256, 16, 5) == 1
+    assert effective_batch_size(256, 0, 600) == 256
+
+
+def test_linear_path_reads_l2_normalised_tfidf_rows() -> None:
+    """With idf the linear logits are W · (TF-IDF row / ‖row‖); without, W · (binary / √n)."""
+    from hitanno_cli.model import LinearPath
+
+    gen = torch.Generator().manual_seed(1)
+    path = LinearPath(20, 3)
+    torch.nn.init.normal_(path.weight.weight, generator=gen)
+    states = torch.rand(4, 20, generator=gen) < 0.3
+    states[3] = False  # an all-closed cell gives zeros
+    rows, positions = states.nonzero(as_tuple=True)
+    indptr = torch.zeros(5, dtype=torch.long)
+    indptr[1:] = torch.bincount(rows, minlength=4).cumsum(0)
+    w = path.weight.weight.detach()
+    n = states.sum(1, keepdim=True).clamp(min=1)
+    binary = states.float() / n.sqrt()
+    assert torch.allclose(path(indptr, positions), binary @ w, atol=1e-5)
+    path.idf.copy_(torch.rand(20, generator=gen) * 10)
+    tfidf = torch.where(states, torch.log1p(1e4 * path.idf / n), torch.zeros(()))
+    rows_l2 = tfidf / tfidf.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    assert torch.allclose(path(indptr, positions), rows_l2 @ w, atol=1e-5)

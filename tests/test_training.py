@@ -91,7 +91,7 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
 def test_train_writes_a_self_describing_checkpoint(stores: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(out),
-                     "--epochs", "2", "--class-weight", "balanced", *TINY_CLI)
+                     "--epochs", "2", "--class-weight", "balanced", "--val-fraction", "0.25", *TINY_CLI)
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors", "panel.json",
                                                      "train_config.json"]

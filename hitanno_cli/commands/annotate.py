@@ -27,6 +27,9 @@ def train_cmd(
     recipe: Recipe = "default",
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs; the learning rate reaches 0 at the last.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Cells per batch (per process under torchrun).")] = None,
+    min_steps_per_epoch: Annotated[Optional[int], typer.Option(help="Shrink the batch so that an epoch makes at "
+                                                               "least this many updates (small references; 0: "
+                                                               "never).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warm-up length in epochs.")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adam, or adamw (decoupled weight decay).")] = None,
@@ -54,6 +57,8 @@ def train_cmd(
     attention: Annotated[str, typer.Option(help="Level-1 attention: auto, sparse, dense or flash.")] = "auto",
     linear_path: Annotated[Optional[bool], typer.Option("--linear-path/--no-linear-path", help="Add a linear "
                                                         "read-out of the open peaks to the logits (beyond SPEC).")] = None,
+    linear_idf: Annotated[Optional[bool], typer.Option("--linear-idf/--no-linear-idf", help="Weigh the linear "
+                                                       "path's open peaks by the reference's idf (TF-IDF rows).")] = None,
     buffer_cells: Annotated[int, typer.Option(help="Cells held in memory by the shuffle buffer.")] = 200_000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output.")] = False,
     device: Device = "auto",
@@ -67,9 +72,11 @@ def train_cmd(
 
     model = {"embed_dim": embed_dim, "level1_heads": heads, "level1_ff": ff, "level1_layers": level1_layers,
              "level2_heads": heads, "level2_ff": ff, "level2_layers": level2_layers, "head_hidden": head_hidden,
-             "dropout": dropout, "attention": attention, "linear_path": linear_path}
+             "dropout": dropout, "attention": attention, "linear_path": linear_path,
+             "linear_idf": linear_idf}
     given = {"epochs": epochs, "warmup_epochs": warmup_epochs, "lr": lr, "optimizer": optimizer,
-             "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction,
+             "weight_decay": weight_decay, "batch_size": batch_size, "min_steps_per_epoch": min_steps_per_epoch,
+             "val_fraction": val_fraction,
              "patience": patience, "min_epochs": min_epochs, "class_weight": class_weight,
              "label_smoothing": label_smoothing, "peak_dropout": peak_dropout, "embed_init": embed_init,
              "embed_lr_scale": embed_lr_scale}
