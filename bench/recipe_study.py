@@ -102,6 +102,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
                   "batch_size": 32, "model": {"embed_dim": 32}},
     "B-d32-b32-nobal": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "label_smoothing": 0.2,
                         "warmup_epochs": 2.0, "batch_size": 32, "class_weight": "none", "model": {"embed_dim": 32}},
+    # round 2 ablations: the new default with one thing changed (3 seeds, both splits)
+    "d-ls0": {"recipe": "default", "label_smoothing": 0.0},
+    "d-ls0.1": {"recipe": "default", "label_smoothing": 0.1},
+    "d-nobal": {"recipe": "default", "class_weight": "none"},
+    "d-nopd": {"recipe": "default", "peak_dropout": 0.0},
+    "d-d64": {"recipe": "default", "model": {"embed_dim": 64}},
+    "d-d16": {"recipe": "default", "model": {"embed_dim": 16}},
+    "d-e12": {"recipe": "default", "epochs": 12, "warmup_epochs": 3.0},
+    "d-val0.25": {"recipe": "default", "val_fraction": 0.25, "epochs": 20, "warmup_epochs": 3.0},
+    "d-idf": {"recipe": "default", "model": {"linear_idf": True}},
+    "d-nolinear": {"recipe": "default", "model": {"linear_path": False}},
+    "d-random": {"recipe": "default", "embed_init": "random"},
+    "d-E1": {"recipe": "default", "embed_lr_scale": 1.0},
+    "d-wd0": {"recipe": "default", "weight_decay": 0.0},
+    "d-b64": {"recipe": "default", "batch_size": 64},
+    "d-sample": {"recipe": "default", "sampling": "balanced", "class_weight": "none"},
+    "d-sqrt": {"recipe": "default", "sampling": "sqrt", "class_weight": "none"},
+    "d-sample-bal": {"recipe": "default", "sampling": "balanced"},
+    "round1-default": {"recipe": "default", "epochs": 20, "warmup_epochs": 3.0, "val_fraction": 0.25,
+                       "label_smoothing": 0.1, "min_steps_per_epoch": 0, "model": {"embed_dim": 64}},
     "B-e6": {"recipe": "default", "val_fraction": 0.0, "epochs": 6, "label_smoothing": 0.2, "warmup_epochs": 2.0,
              "model": {"embed_dim": 32, "linear_idf": True}},
 }
@@ -152,6 +172,11 @@ def options_for(variant: str, seed: int) -> TrainOptions:
     return options
 
 
+def same_options(recorded: dict[str, Any], options: TrainOptions) -> bool:
+    """Whether a recorded run used ``options`` (fields added since then count at their default)."""
+    return {**dataclasses.asdict(TrainOptions()), **recorded} == dataclasses.asdict(options)
+
+
 @torch.no_grad()
 def predict_store(model_dir: Path, store_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(true, predicted) labels of a labelled query store."""
@@ -187,6 +212,40 @@ def load_results() -> dict[str, Any]:
     return json.loads(OUT.read_text()) if OUT.exists() else {"runs": [], "baselines": {}}
 
 
+def markdown_table(results: dict[str, Any], variants: list[str], settings: list[str]) -> str:
+    """Round-2 runs as a markdown table: per variant and setting, mean ± sd over seeds of
+    accuracy and macro-F1, the lowest rare-type F1, median training seconds; baselines last."""
+    lines = ["| variant | change from `default` | " + " | ".join(
+        f"{s} accuracy | {s} macro-F1 | {s} min rare F1 | {s} train s" for s in settings) + " |",
+        "| --- | --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in settings) + " |"]
+    for variant in variants:
+        spec = {k: v for k, v in VARIANTS[variant].items() if k != "recipe"}
+        cells = []
+        for setting in settings:
+            runs = [r for r in results["runs"] if r.get("round") == STUDY_ROUND and r["variant"] == variant
+                    and r["setting"] == setting
+                    and same_options(r["options"], options_for(variant, r["seed"]))]
+            if not runs:
+                cells.append("– | – | – | –")
+                continue
+            acc, f1 = np.array([r["accuracy"] for r in runs]), np.array([r["macro_f1"] for r in runs])
+            rare = min(min(r["rare_f1"].values()) for r in runs)
+            secs = float(np.median([r["train_s"] for r in runs]))
+            cells.append(f"{acc.mean():.3f} ± {acc.std(ddof=1) if len(runs) > 1 else 0:.3f} | "
+                         f"{f1.mean():.3f} ± {f1.std(ddof=1) if len(runs) > 1 else 0:.3f} (n={len(runs)}) | "
+                         f"{rare:.3f} | {secs:.0f}")
+        change = ", ".join(f"{k}={v}" for k, v in spec.items()) or "—"
+        lines.append(f"| {variant} | {change} | " + " | ".join(cells) + " |")
+    for name in [b["method"] for b in results["baselines"].get(settings[0], [])]:
+        cells = []
+        for setting in settings:
+            b = next(x for x in results["baselines"][setting] if x["method"] == name)
+            cells.append(f"{b['accuracy']:.3f} | {b['macro_f1']:.3f} | {min(b['rare_f1'].values()):.3f} | "
+                         f"{b['wall_s']:.0f}")
+        lines.append(f"| {name} (baseline, same split) | — | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="default")
@@ -194,7 +253,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--subsample", type=int, default=None, help="reference cells kept (e.g. 600)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="print the recorded round-2 runs as markdown")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(load_results(), args.variants.split(","), args.settings.split(",")))
+        return
     torch.set_num_threads(args.threads)
     console.set_quiet(True)
     results = load_results()
@@ -206,7 +269,8 @@ def main() -> None:
         for variant in args.variants.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 if any(r["setting"] == key and r["variant"] == variant and r["seed"] == seed
-                       and r.get("round", 1) == STUDY_ROUND and r["options"] == dataclasses.asdict(options_for(variant, seed)) for r in results["runs"]):
+                       and r.get("round", 1) == STUDY_ROUND and same_options(r["options"], options_for(variant, seed))
+                       for r in results["runs"]):
                     continue
                 row = {"setting": key, "round": STUDY_ROUND, **run_one(work, variant, seed)}
                 results = load_results()

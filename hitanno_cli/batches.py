@@ -81,10 +81,14 @@ class ShuffledCells:
     """Training batches over ``rows`` of a store, shuffled through a bounded buffer."""
 
     def __init__(self, store: SentenceStore, rows: np.ndarray, targets: np.ndarray,
-                 batch_size: int, buffer_cells: int = BUFFER_CELLS) -> None:
+                 batch_size: int, buffer_cells: int = BUFFER_CELLS,
+                 class_rates: np.ndarray | None = None) -> None:
+        """``class_rates``: relative sampling rate per class; an epoch then draws its cells
+        with replacement at those rates (within each buffer load) instead of permuting them."""
         self.store, self.batch_size = store, batch_size
         order = np.argsort(rows, kind="stable")
         self.rows, self.targets = rows[order], targets[order]
+        self.rates = None if class_rates is None else np.asarray(class_rates, np.float64)[self.targets]
         chunk_of = self.rows // store.chunk_cells
         self.chunks, self.chunk_start = np.unique(chunk_of, return_index=True)
         self.chunk_stop = np.append(self.chunk_start[1:], len(self.rows))
@@ -125,6 +129,13 @@ class ShuffledCells:
         if group:
             yield np.sort(np.array(group))
 
+    def _draw(self, local: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """An order of the loaded cells: a permutation, or a rate-weighted draw of as many."""
+        if self.rates is None:
+            return rng.permutation(len(local))
+        rates = self.rates[local]
+        return rng.choice(len(local), size=len(local), replace=True, p=rates / rates.sum())
+
     def epoch(self, seed: int, epoch: int, rank: int = 0, limit: int | None = None) -> Iterator[Batch]:
         """The batches of one epoch, in an order fixed by ``(seed, epoch, rank)``.
 
@@ -139,7 +150,7 @@ class ShuffledCells:
         for group in groups:
             data = self._cache if self._cache is not None else self._load(group)
             local = np.concatenate([np.arange(self.chunk_start[k], self.chunk_stop[k]) for k in group])
-            order = rng.permutation(len(local))
+            order = self._draw(local, rng)
             members, data = local[order], data.take(order)
             if carry is not None:
                 members, data = np.concatenate([carry_rows, members]), OpenRows.concat([carry, data])

@@ -63,6 +63,7 @@ class TrainOptions:
     min_epochs: int = 5
     seed: int = 42
     class_weight: str = "none"
+    sampling: str = "uniform"
     label_smoothing: float = 0.0
     peak_dropout: float = 0.0
     embed_init: str = "random"
@@ -81,6 +82,7 @@ class TrainOptions:
             (self.lr > 0, "--lr must be positive"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be non-negative"),
             (self.class_weight in ("none", "balanced"), "--class-weight must be none or balanced"),
+            (self.sampling in SAMPLING, f"--sampling must be one of {', '.join(SAMPLING)}"),
             (self.optimizer in ("adam", "adamw"), "--optimizer must be adam or adamw"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (0 <= self.peak_dropout < 1, "--peak-dropout must be in [0, 1)"),
@@ -92,6 +94,10 @@ class TrainOptions:
             if not ok:
                 raise UserError(message, "see hitanno train --help")
 
+
+#: How training cells are drawn: each once per epoch (``uniform``), or with replacement at
+#: a rate per class ∝ 1/size (``balanced``) or 1/√size (``sqrt``), for rare types.
+SAMPLING = ("uniform", "balanced", "sqrt")
 
 #: Named sets of option values. ``published`` is SPEC §1.5 (the TrainOptions defaults);
 #: ``default`` is the recipe that won the study in ``docs/recipe.md``.
@@ -247,6 +253,14 @@ def effective_batch_size(batch_size: int, min_steps: int, n_cells: int) -> int:
     return max(1, min(batch_size, n_cells // min_steps))
 
 
+def sampling_rates(targets: np.ndarray, n_types: int, mode: str) -> np.ndarray | None:
+    """Relative draw rate per class for ``--sampling`` (None: each cell once per epoch)."""
+    if mode == "uniform":
+        return None
+    counts = np.maximum(np.bincount(targets, minlength=n_types), 1).astype(np.float64)
+    return 1.0 / (counts if mode == "balanced" else np.sqrt(counts))
+
+
 def class_weights(targets: np.ndarray, n_types: int, mode: str) -> torch.Tensor | None:
     """``balanced``: ``n / (k · count_c)`` over classes present (absent classes weigh 0)."""
     if mode == "none":
@@ -381,7 +395,8 @@ class Trainer:
         per_rank = [len(split_for_rank(rows[train_idx], r, world.size)) for r in range(world.size)]
         self.batch_size = effective_batch_size(options.batch_size, options.min_steps_per_epoch, min(per_rank))
         self.train = ShuffledCells(store, mine, np.array([target_of[r] for r in mine], np.int64),
-                                   self.batch_size, options.buffer_cells)
+                                   self.batch_size, options.buffer_cells,
+                                   class_rates=sampling_rates(targets[train_idx], n_types, options.sampling))
         self.val_rows = split_for_rank(rows[val_idx], world.rank, world.size)
         self.target_of = target_of
         self.steps_per_epoch = min(-(-n // self.batch_size) for n in per_rank)

@@ -160,3 +160,26 @@ def test_linear_path_reads_l2_normalised_tfidf_rows() -> None:
     tfidf = torch.where(states, torch.log1p(1e4 * path.idf / n), torch.zeros(()))
     rows_l2 = tfidf / tfidf.norm(dim=1, keepdim=True).clamp(min=1e-12)
     assert torch.allclose(path(indptr, positions), rows_l2 @ w, atol=1e-5)
+
+
+def test_balanced_sampling_draws_rare_classes_as_often_as_common_ones(stores: dict) -> None:  # noqa: F811
+    from hitanno_cli.batches import ShuffledCells
+    from hitanno_cli.training import sampling_rates, training_labels
+
+    store = SentenceStore(stores["ref"])
+    rows, targets = training_labels(store)
+    n_types = len(store.cell_types)
+    counts = np.bincount(targets, minlength=n_types)
+    assert counts.max() >= 3 * counts[counts > 0].min()  # the fixture is imbalanced
+
+    def drawn(mode: str, epoch: int) -> np.ndarray:
+        cells = ShuffledCells(store, rows, targets, 64, class_rates=sampling_rates(targets, n_types, mode))
+        return np.concatenate([b.targets for b in cells.epoch(seed=0, epoch=epoch)])
+
+    uniform = drawn("uniform", 0)
+    assert np.array_equal(np.bincount(uniform, minlength=n_types), counts)  # each cell once
+    balanced = np.concatenate([drawn("balanced", e) for e in range(5)])
+    share = np.bincount(balanced, minlength=n_types)[counts > 0] / len(balanced)
+    assert len(balanced) == 5 * len(targets)
+    assert np.allclose(share, 1 / (counts > 0).sum(), atol=0.03)
+    assert np.array_equal(drawn("balanced", 3), drawn("balanced", 3))  # fixed by (seed, epoch)

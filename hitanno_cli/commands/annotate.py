@@ -39,6 +39,8 @@ def train_cmd(
     min_epochs: Annotated[Optional[int], typer.Option(help="Never stop early before this epoch.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, initial weights, data order, dropout and augmentation.")] = 42,
     class_weight: Annotated[Optional[str], typer.Option(help="none, or balanced (weights ∝ 1/class size) for rare types.")] = None,
+    sampling: Annotated[Optional[str], typer.Option(help="Draw training cells uniformly (each once per epoch), "
+                                                    "or per class ∝ 1/size (balanced) or 1/√size (sqrt).")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the training loss.")] = None,
     peak_dropout: Annotated[Optional[float], typer.Option(help="Depth augmentation: each training cell loses a "
                                                           "random share U(0, this) of its open peaks.")] = None,
@@ -77,7 +79,7 @@ def train_cmd(
     given = {"epochs": epochs, "warmup_epochs": warmup_epochs, "lr": lr, "optimizer": optimizer,
              "weight_decay": weight_decay, "batch_size": batch_size, "min_steps_per_epoch": min_steps_per_epoch,
              "val_fraction": val_fraction,
-             "patience": patience, "min_epochs": min_epochs, "class_weight": class_weight,
+             "patience": patience, "min_epochs": min_epochs, "class_weight": class_weight, "sampling": sampling,
              "label_smoothing": label_smoothing, "peak_dropout": peak_dropout, "embed_init": embed_init,
              "embed_lr_scale": embed_lr_scale}
     options = recipe_options(recipe, **{k: v for k, v in given.items() if v is not None}, seed=seed,
