@@ -74,6 +74,7 @@ class ModelConfig:
     attention: str = "auto"
     linear_path: bool = False  # beyond SPEC: add a linear read-out of the open peaks to the logits
     linear_idf: bool = False  # weigh the linear path's open peaks by the reference's idf (TF-IDF)
+    depth_signal: bool = False  # beyond SPEC: tell level 2's CLS token the cell's log open-peak count
 
     def __post_init__(self) -> None:
         self.validate()
@@ -330,6 +331,10 @@ class HitAnno(nn.Module):
         self.head = nn.Sequential(nn.Linear(d, config.head_hidden), nn.ReLU(),
                                   nn.Linear(config.head_hidden, config.n_types))
         self.linear = LinearPath(self.n_positions, config.n_types) if config.linear_path else None
+        self.depth = nn.Linear(1, d) if config.depth_signal else None
+        if self.depth is not None:  # starts silent: the published model until it learns otherwise
+            nn.init.zeros_(self.depth.weight)
+            nn.init.zeros_(self.depth.bias)
         self.level1_attend: AttentionFn = flash_attention if config.level1_path == "flash" else sdpa_attention
 
     @property
@@ -350,7 +355,7 @@ class HitAnno(nn.Module):
             summaries, attn1 = self.sparse_level1(indptr, positions, return_attention)
         else:
             summaries, attn1 = self.dense_level1(indptr, positions, return_attention)
-        embedding, attn2 = self.encode_level2(summaries, return_attention)
+        embedding, attn2 = self.encode_level2(summaries, return_attention, self.depth_term(indptr))
         logits = self.head(embedding)
         if self.linear is not None:
             logits = logits + self.linear(indptr, positions).to(logits.dtype)
@@ -501,11 +506,21 @@ class HitAnno(nn.Module):
             )
 
     # level 2 -----------------------------------------------------------------------------
-    def encode_level2(self, summaries: torch.Tensor,
-                      need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def depth_term(self, indptr: torch.Tensor) -> torch.Tensor | None:
+        """``[B, D]`` added to the CLS token: a learned direction times ``log(1 + n_open)``."""
+        if self.depth is None:
+            return None
+        n_open = (indptr[1:] - indptr[:-1]).to(self.depth.weight.dtype)
+        return self.depth(torch.log1p(n_open).unsqueeze(1))
+
+    def encode_level2(self, summaries: torch.Tensor, need_weights: bool,
+                      depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cell embeddings ``[B, D]`` from ``[CLS, summaries]``; the last layer computes CLS only."""
         b = summaries.shape[0]
-        x = torch.cat([self.cls.to(summaries.dtype).expand(b, 1, -1), summaries], dim=1)
+        cls = self.cls.to(summaries.dtype).expand(b, 1, -1)
+        if depth is not None:
+            cls = cls + depth.to(summaries.dtype).unsqueeze(1)
+        x = torch.cat([cls, summaries], dim=1)
         weights = None
         for i, layer in enumerate(self.level2):
             last = i == len(self.level2) - 1

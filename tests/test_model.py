@@ -285,3 +285,17 @@ def test_inference_reuses_panel_terms_until_a_parameter_changes() -> None:
         model.embed.identity.weight.add_(torch.randn_like(model.embed.identity.weight))  # in place, as an optimiser
         changed = model(indptr, positions).logits
     assert model._panel_cache[1] is not cached and not torch.allclose(changed, fresh)
+
+
+def test_depth_signal_moves_the_cls_token_by_open_peak_count_on_both_paths() -> None:
+    sparse, dense = paired_models(torch.float32, depth_signal=True, linear_path=True)
+    states = random_states(6, 0.3, seed=5)
+    silent = sparse(*to_csr(states)).logits  # zero-initialised: no effect yet
+    with torch.no_grad():
+        for model in (sparse, dense):
+            torch.nn.init.constant_(model.depth.weight, 0.5)
+    loud_sparse, loud_dense = sparse(*to_csr(states)).logits, dense(*to_csr(states)).logits
+    assert rel_err(loud_sparse, loud_dense) <= 1e-5
+    assert not torch.allclose(silent, loud_sparse, atol=1e-4)
+    expected = sparse.depth(torch.log1p(states.sum(1, keepdim=True).float()))
+    assert torch.allclose(sparse.depth_term(to_csr(states)[0]), expected)

@@ -61,6 +61,8 @@ def train_cmd(
                                                         "read-out of the open peaks to the logits (beyond SPEC).")] = None,
     linear_idf: Annotated[Optional[bool], typer.Option("--linear-idf/--no-linear-idf", help="Weigh the linear "
                                                        "path's open peaks by the reference's idf (TF-IDF rows).")] = None,
+    depth_signal: Annotated[Optional[bool], typer.Option("--depth-signal/--no-depth-signal", help="Tell level 2 "
+                                                         "the cell's log open-peak count (beyond SPEC).")] = None,
     buffer_cells: Annotated[int, typer.Option(help="Cells held in memory by the shuffle buffer.")] = 200_000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output.")] = False,
     device: Device = "auto",
@@ -75,7 +77,7 @@ def train_cmd(
     model = {"embed_dim": embed_dim, "level1_heads": heads, "level1_ff": ff, "level1_layers": level1_layers,
              "level2_heads": heads, "level2_ff": ff, "level2_layers": level2_layers, "head_hidden": head_hidden,
              "dropout": dropout, "attention": attention, "linear_path": linear_path,
-             "linear_idf": linear_idf}
+             "linear_idf": linear_idf, "depth_signal": depth_signal}
     given = {"epochs": epochs, "warmup_epochs": warmup_epochs, "lr": lr, "optimizer": optimizer,
              "weight_decay": weight_decay, "batch_size": batch_size, "min_steps_per_epoch": min_steps_per_epoch,
              "val_fraction": val_fraction,
