@@ -43,10 +43,77 @@ RARE_TYPES = sorted(set(RARE) | {"23_CD8.EM", "19_CD8.N"})
 #: step, per-cell class weights with label smoothing), so earlier runs are not reused.
 STUDY_ROUND = 2
 
+
+def over(base: dict[str, Any], **change: Any) -> dict[str, Any]:
+    """A variant: ``base`` with ``change`` applied (model options merged, not replaced)."""
+    model = {**base.get("model", {}), **change.pop("model", {})}
+    return {**base, **change, "model": model}
+
+
+#: The defaults of earlier rounds, written over today's ``default`` so their runs stay
+#: reproducible: round 1's winner (``E30-L``) and round 2's first winner (``B-d32``).
+R1 = over({"recipe": "default"}, epochs=20, warmup_epochs=3.0, val_fraction=0.25, label_smoothing=0.1,
+          min_steps_per_epoch=0, embed_init="lsi", model={"embed_dim": 64})
+R2 = over({"recipe": "default"}, embed_init="lsi", label_smoothing=0.2, model={"embed_dim": 32})
+
+#: Round 2 (per-cell class weights under label smoothing, 5x faster sparse step): a
+#: single-seed screening from R1, then 3-seed ablations of R2, then the final candidates.
+ROUND2: dict[str, dict[str, Any]] = {
+    "r1-base": R1,
+    "r1-e40": over(R1, epochs=40),
+    "r1-ls0": over(R1, label_smoothing=0.0),
+    "r1-wd0": over(R1, weight_decay=0.0),
+    "r1-nobal": over(R1, class_weight="none"),
+    "r1-val0.1": over(R1, val_fraction=0.1),
+    "r1-val0.1-ls0": over(R1, val_fraction=0.1, label_smoothing=0.0),
+    "r1-val0.1-ls0.2": over(R1, val_fraction=0.1, label_smoothing=0.2),
+    "r1-val0.1-ls0.3": over(R1, val_fraction=0.1, label_smoothing=0.3),
+    "r1-val0.1-pat5": over(R1, val_fraction=0.1, patience=5, min_epochs=8),
+    "r1-val0.1-pd0.3": over(R1, val_fraction=0.1, peak_dropout=0.3),
+    "r1-all-e8": over(R1, val_fraction=0.0, epochs=8, warmup_epochs=2.0),
+    "r1-all-e12": over(R1, val_fraction=0.0, epochs=12),
+    "r1-all-e16": over(R1, val_fraction=0.0, epochs=16),
+    "r1-all-e10-ls0.2": over(R1, val_fraction=0.0, epochs=10, label_smoothing=0.2),
+    "r1-all-e10-ls0.2-idf": over(R1, val_fraction=0.0, epochs=10, label_smoothing=0.2, model={"linear_idf": True}),
+    "r1-all-e10-ls0.2-d32": over(R1, val_fraction=0.0, epochs=10, label_smoothing=0.2, model={"embed_dim": 32}),
+    "r1-all-e10-ls0.2-wd0.2": over(R1, val_fraction=0.0, epochs=10, label_smoothing=0.2, weight_decay=0.2),
+    "r1-all-e8-ls0.2": over(R1, val_fraction=0.0, epochs=8, warmup_epochs=2.0, label_smoothing=0.2),
+    "r1-all-e8-ls0.2-d32-idf": over(R1, val_fraction=0.0, epochs=8, warmup_epochs=2.0, label_smoothing=0.2,
+                                    model={"embed_dim": 32, "linear_idf": True}),
+    "r1-all-e6-ls0.2-d32-idf": over(R1, val_fraction=0.0, epochs=6, warmup_epochs=2.0, label_smoothing=0.2,
+                                    model={"embed_dim": 32, "linear_idf": True}),
+    "r2-base": R2,  # = r1-all-e8-ls0.2 at width 32 (B-d32), plus --min-steps-per-epoch 16
+    "r2-e12": over(R2, epochs=12, warmup_epochs=3.0),
+    "r2-d64": over(R2, model={"embed_dim": 64}),
+    "r2-d16": over(R2, model={"embed_dim": 16}),
+    "r2-linear-idf": over(R2, model={"linear_idf": True}),
+    "r2-b64": over(R2, batch_size=64),
+    "r2-ls0.1": over(R2, label_smoothing=0.1),
+    "r2-ls0": over(R2, label_smoothing=0.0),
+    "r2-nopd": over(R2, peak_dropout=0.0),
+    "r2-nobal": over(R2, class_weight="none"),
+    "r2-val0.25-e20": over(R2, val_fraction=0.25, epochs=20, warmup_epochs=3.0),
+    "r2-nolinear": over(R2, model={"linear_path": False}),
+    "r2-random-init": over(R2, embed_init="random"),
+    "r2-E1": over(R2, embed_lr_scale=1.0),
+    "r2-wd0": over(R2, weight_decay=0.0),
+    "r2-sample": over(R2, sampling="balanced", class_weight="none"),
+    "r2-sqrt": over(R2, sampling="sqrt", class_weight="none"),
+    "r2-sample-bal": over(R2, sampling="balanced"),
+    "r2-depth": over(R2, model={"depth_signal": True}),
+    "r2-dropout0.2": over(R2, model={"dropout": 0.2}),
+    "r2-lr2e-3": over(R2, lr=2e-3),
+    "r2-d16-random": over(R2, embed_init="random", model={"embed_dim": 16}),
+    "r2-d16-random-e10": over(R2, embed_init="random", epochs=10, model={"embed_dim": 16}),
+    "r2-d16-random-E50": over(R2, embed_init="random", embed_lr_scale=50.0, model={"embed_dim": 16}),
+    "r2-d16-random-ls0.3": over(R2, embed_init="random", label_smoothing=0.3, model={"embed_dim": 16}),  # = default
+}
+
 #: Variants: a recipe name plus option overrides (model options under "model"). ``v0`` is
-#: the study's starting point (the issue's best batch-64 ideas at batch 256, 64-wide).
-V0 = {"recipe": "default", "embed_init": "random", "embed_lr_scale": 1.0, "model": {"linear_path": False}}
-LINEAR = {**V0, "lr": 3e-3, "embed_init": "lsi", "model": {"linear_path": True}}
+#: the study's starting point of round 1 (the issue's best batch-64 ideas at batch 256,
+#: 64-wide); round-1 variants name the then-default ``E30-L``, so they use R1 too.
+V0 = over(R1, embed_init="random", embed_lr_scale=1.0, model={"linear_path": False})
+LINEAR = over(V0, lr=3e-3, embed_init="lsi", model={"linear_path": True})
 VARIANTS: dict[str, dict[str, Any]] = {
     "published": {"recipe": "published"},
     "default": {"recipe": "default"},
@@ -63,70 +130,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "E30-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 30.0},
     "E100-L": {**LINEAR, "lr": 1e-3, "embed_lr_scale": 100.0},
     "E30-L-lr3e-3": {**LINEAR, "lr": 3e-3, "embed_lr_scale": 30.0},
-    "default-b16": {"recipe": "default", "batch_size": 16},
-    "default-b16-nobal": {"recipe": "default", "batch_size": 16, "class_weight": "none"},
-    # second round (after the sparse path got 5x faster): TF-IDF linear path, longer schedules
-    "idf": {"recipe": "default", "model": {"linear_idf": True}},
-    "idf-e40": {"recipe": "default", "epochs": 40, "model": {"linear_idf": True}},
-    "e40": {"recipe": "default", "epochs": 40},
-    "pd0.2": {"recipe": "default", "peak_dropout": 0.2},
-    "ls0": {"recipe": "default", "label_smoothing": 0.0},
-    "wd0": {"recipe": "default", "weight_decay": 0.0},
-    "b64": {"recipe": "default", "batch_size": 64},
-    "pat10-e40": {"recipe": "default", "epochs": 40, "patience": 10},
-    "ls0-bal": {"recipe": "default", "label_smoothing": 0.0},  # = ls0, named for round 2
-    "wd0-e40": {"recipe": "default", "weight_decay": 0.0, "epochs": 40},
-    "nobal": {"recipe": "default", "class_weight": "none"},
-    "val0.1": {"recipe": "default", "val_fraction": 0.1},
-    "val0.1-ls0": {"recipe": "default", "val_fraction": 0.1, "label_smoothing": 0.0},
-    "val0.1-ls0.2": {"recipe": "default", "val_fraction": 0.1, "label_smoothing": 0.2},
-    "val0.1-pat5": {"recipe": "default", "val_fraction": 0.1, "patience": 5, "min_epochs": 8},
-    "val0.1-pd0.3": {"recipe": "default", "val_fraction": 0.1, "peak_dropout": 0.3},
-    "all-e8": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "warmup_epochs": 2.0},
-    "all-e12": {"recipe": "default", "val_fraction": 0.0, "epochs": 12},
-    "all-e16": {"recipe": "default", "val_fraction": 0.0, "epochs": 16},
-    "all-e10-ls0.2": {"recipe": "default", "val_fraction": 0.0, "epochs": 10, "label_smoothing": 0.2},
-    "val0.1-ls0.3": {"recipe": "default", "val_fraction": 0.1, "label_smoothing": 0.3},
-    "A": {"recipe": "default", "val_fraction": 0.0, "epochs": 10, "label_smoothing": 0.2},  # = all-e10-ls0.2
-    "A-idf": {"recipe": "default", "val_fraction": 0.0, "epochs": 10, "label_smoothing": 0.2,
-              "model": {"linear_idf": True}},
-    "A-d32": {"recipe": "default", "val_fraction": 0.0, "epochs": 10, "label_smoothing": 0.2,
-              "model": {"embed_dim": 32}},
-    "A-wd0.2": {"recipe": "default", "val_fraction": 0.0, "epochs": 10, "label_smoothing": 0.2, "weight_decay": 0.2},
-    "A-e8": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "label_smoothing": 0.2, "warmup_epochs": 2.0},
-    "B": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "label_smoothing": 0.2, "warmup_epochs": 2.0,
-          "model": {"embed_dim": 32, "linear_idf": True}},
-    "B-d32": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "label_smoothing": 0.2, "warmup_epochs": 2.0,
-              "model": {"embed_dim": 32}},
-    "B-d32-b32": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "label_smoothing": 0.2, "warmup_epochs": 2.0,
-                  "batch_size": 32, "model": {"embed_dim": 32}},
-    "B-d32-b32-nobal": {"recipe": "default", "val_fraction": 0.0, "epochs": 8, "label_smoothing": 0.2,
-                        "warmup_epochs": 2.0, "batch_size": 32, "class_weight": "none", "model": {"embed_dim": 32}},
-    # round 2 ablations: the new default with one thing changed (3 seeds, both splits)
-    "d-ls0": {"recipe": "default", "label_smoothing": 0.0},
-    "d-ls0.1": {"recipe": "default", "label_smoothing": 0.1},
-    "d-nobal": {"recipe": "default", "class_weight": "none"},
-    "d-nopd": {"recipe": "default", "peak_dropout": 0.0},
-    "d-d64": {"recipe": "default", "model": {"embed_dim": 64}},
-    "d-d16": {"recipe": "default", "model": {"embed_dim": 16}},
-    "d-e12": {"recipe": "default", "epochs": 12, "warmup_epochs": 3.0},
-    "d-val0.25": {"recipe": "default", "val_fraction": 0.25, "epochs": 20, "warmup_epochs": 3.0},
-    "d-idf": {"recipe": "default", "model": {"linear_idf": True}},
-    "d-nolinear": {"recipe": "default", "model": {"linear_path": False}},
-    "d-random": {"recipe": "default", "embed_init": "random"},
-    "d-E1": {"recipe": "default", "embed_lr_scale": 1.0},
-    "d-wd0": {"recipe": "default", "weight_decay": 0.0},
-    "d-b64": {"recipe": "default", "batch_size": 64},
-    "d-sample": {"recipe": "default", "sampling": "balanced", "class_weight": "none"},
-    "d-sqrt": {"recipe": "default", "sampling": "sqrt", "class_weight": "none"},
-    "d-sample-bal": {"recipe": "default", "sampling": "balanced"},
-    "d-depth": {"recipe": "default", "model": {"depth_signal": True}},
-    "d-drop0.2": {"recipe": "default", "model": {"dropout": 0.2}},
-    "d-lr2e-3": {"recipe": "default", "lr": 2e-3},
-    "round1-default": {"recipe": "default", "epochs": 20, "warmup_epochs": 3.0, "val_fraction": 0.25,
-                       "label_smoothing": 0.1, "min_steps_per_epoch": 0, "model": {"embed_dim": 64}},
-    "B-e6": {"recipe": "default", "val_fraction": 0.0, "epochs": 6, "label_smoothing": 0.2, "warmup_epochs": 2.0,
-             "model": {"embed_dim": 32, "linear_idf": True}},
+    "default-b16": over(R1, batch_size=16),
+    "default-b16-nobal": over(R1, batch_size=16, class_weight="none"),
+    **ROUND2,
 }
 
 
@@ -218,16 +224,16 @@ def load_results() -> dict[str, Any]:
 def markdown_table(results: dict[str, Any], variants: list[str], settings: list[str]) -> str:
     """Round-2 runs as a markdown table: per variant and setting, mean ± sd over seeds of
     accuracy and macro-F1, the lowest rare-type F1, median training seconds; baselines last."""
-    lines = ["| variant | change from `default` | " + " | ".join(
+    lines = ["| variant | options over today's `default` | " + " | ".join(
         f"{s} accuracy | {s} macro-F1 | {s} min rare F1 | {s} train s" for s in settings) + " |",
         "| --- | --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in settings) + " |"]
     for variant in variants:
-        spec = {k: v for k, v in VARIANTS[variant].items() if k != "recipe"}
+        spec = {k: v for k, v in VARIANTS[variant].items() if k != "recipe" and v != {}}
         cells = []
         for setting in settings:
-            runs = [r for r in results["runs"] if r.get("round") == STUDY_ROUND and r["variant"] == variant
-                    and r["setting"] == setting
-                    and same_options(r["options"], options_for(variant, r["seed"]))]
+            runs = [r for r in results["runs"] if r.get("round") == STUDY_ROUND and r["setting"] == setting
+                    and same_options(r["options"], options_for(variant, r["seed"]))]  # any name
+            runs = list({r["seed"]: r for r in runs}.values())  # a repeated seed counts once
             if not runs:
                 cells.append("– | – | – | –")
                 continue
@@ -271,7 +277,7 @@ def main() -> None:
         results["baselines"][key] = json.loads((work / "baselines.json").read_text())
         for variant in args.variants.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                if any(r["setting"] == key and r["variant"] == variant and r["seed"] == seed
+                if any(r["setting"] == key and r["seed"] == seed
                        and r.get("round", 1) == STUDY_ROUND and same_options(r["options"], options_for(variant, seed))
                        for r in results["runs"]):
                     continue

@@ -6,8 +6,8 @@ at epoch 20, the weights with the best validation loss, early stopping after 3 e
 without improvement (not before epoch 5), seed 42. ``--recipe default`` is what the
 study of ``docs/recipe.md`` found to beat the baselines: a short fixed schedule (8 epochs)
 on every reference cell (no validation split unless ``--val-fraction`` asks), AdamW,
-faster per-peak tables, depth augmentation, label smoothing, per-cell class weights, an
-LSI start, 32-wide embeddings and the linear path. Mixed
+faster per-peak tables, depth augmentation, label smoothing 0.3, per-cell class weights,
+16-wide embeddings and the linear path. Mixed
 precision (bf16) is used on GPUs that support it.
 
 **Interruption.** SIGINT/SIGTERM abort the current epoch; the state at the last
@@ -105,9 +105,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "published": {},
     "default": {"lr": 1e-3, "batch_size": 256, "min_steps_per_epoch": 16, "optimizer": "adamw",
                 "weight_decay": 0.05, "epochs": 8, "warmup_epochs": 2.0, "val_fraction": 0.0,
-                "peak_dropout": 0.5, "label_smoothing": 0.2, "class_weight": "balanced",
-                "embed_init": "lsi", "embed_lr_scale": 30.0,
-                "model": {"embed_dim": 32, "linear_path": True}},
+                "peak_dropout": 0.5, "label_smoothing": 0.3, "class_weight": "balanced",
+                "embed_lr_scale": 30.0, "model": {"embed_dim": 16, "linear_path": True}},
 }
 
 

@@ -25,9 +25,8 @@ def test_default_recipe_is_pinned() -> None:
     assert RECIPES["default"] == {
         "lr": 1e-3, "batch_size": 256, "min_steps_per_epoch": 16, "optimizer": "adamw",
         "weight_decay": 0.05, "epochs": 8, "warmup_epochs": 2.0, "val_fraction": 0.0,
-        "peak_dropout": 0.5, "label_smoothing": 0.2, "class_weight": "balanced",
-        "embed_init": "lsi", "embed_lr_scale": 30.0,
-        "model": {"embed_dim": 32, "linear_path": True},
+        "peak_dropout": 0.5, "label_smoothing": 0.3, "class_weight": "balanced",
+        "embed_lr_scale": 30.0, "model": {"embed_dim": 16, "linear_path": True},
     }
     default = recipe_options()
     assert (default.epochs, default.warmup_epochs, default.val_fraction, default.patience) == (8, 2.0, 0.0, 3)
