@@ -77,3 +77,12 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path) -> None:
         os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_sha256_lines_hashes_one_string_per_line() -> None:
+    import hashlib
+
+    items = [f"cell_{i}" for i in range(70_000)] + [3, "é"]  # spans more than one block
+    expected = hashlib.sha256("".join(f"{x}\n" for x in items).encode()).hexdigest()
+    assert artifacts.sha256_lines(items) == "sha256:" + expected
+    assert artifacts.sha256_lines([]) == "sha256:" + hashlib.sha256(b"").hexdigest()
