@@ -107,6 +107,8 @@ ROUND2: dict[str, dict[str, Any]] = {
     "r2-d16-random-e10": over(R2, embed_init="random", epochs=10, model={"embed_dim": 16}),
     "r2-d16-random-E50": over(R2, embed_init="random", embed_lr_scale=50.0, model={"embed_dim": 16}),
     "r2-d16-random-ls0.3": over(R2, embed_init="random", label_smoothing=0.3, model={"embed_dim": 16}),  # = default
+    "default-sqrt-bal": {"recipe": "default", "sampling": "sqrt"},  # rate x weight ∝ n^-1.5
+    "default-sample-bal": {"recipe": "default", "sampling": "balanced"},  # ∝ n^-2
 }
 
 #: Variants: a recipe name plus option overrides (model options under "model"). ``v0`` is
