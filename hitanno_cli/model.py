@@ -395,7 +395,7 @@ class HitAnno(nn.Module):
         panel = self.cached_panel_terms()
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
-        indicator, rows, positions = open_set_matrix(indptr, positions, t, p, panel.deltas.dtype)
+        indicator, rows, entries = open_set_matrix(indptr, positions, t, p, panel.deltas.dtype)
         h = panel.z_closed.shape[-1]
         with torch.autocast(device_type=positions.device.type, enabled=False):
             # one sparse × dense product over the batch's open peaks for Z, N and the closed
@@ -406,7 +406,7 @@ class HitAnno(nn.Module):
             z = torch.where(ill.unsqueeze(-1), torch.ones_like(z), z)
             context = n.reshape(b * t, h, -1) / z.unsqueeze(-1)
             if bool(ill.any()):
-                context = self.exact_rows(panel, context, ill, rows, positions)
+                context = self.exact_rows(panel, context, ill, rows, entries)
         sets = panel.set_tokens.expand(b, t, -1)
         summaries = self.level1[0].finish(sets, context.reshape(b, t, -1).to(sets.dtype))
         attn = self.sparse_attention_map(panel, indptr, positions) if need_weights else None

@@ -299,3 +299,16 @@ def test_depth_signal_moves_the_cls_token_by_open_peak_count_on_both_paths() -> 
     assert not torch.allclose(silent, loud_sparse, atol=1e-4)
     expected = sparse.depth(torch.log1p(states.sum(1, keepdim=True).float()))
     assert torch.allclose(sparse.depth_term(to_csr(states)[0]), expected)
+
+
+def test_sparse_path_accepts_open_positions_in_any_order_within_a_cell() -> None:
+    sparse, dense = paired_models(torch.float32)
+    indptr, positions = to_csr(random_states(5, 0.3, seed=7))
+    shuffled = positions.clone()
+    gen = torch.Generator().manual_seed(0)
+    for lo, hi in zip(indptr[:-1].tolist(), indptr[1:].tolist()):
+        shuffled[lo:hi] = positions[lo:hi][torch.randperm(hi - lo, generator=gen)]
+    assert not torch.equal(shuffled, positions)
+    reference = dense(indptr, positions).logits
+    assert rel_err(sparse(indptr, shuffled).logits, reference) <= 1e-5
+    assert rel_err(sparse(indptr, positions).logits, reference) <= 1e-5
