@@ -239,17 +239,23 @@ def prepare_rna(counts: Counts, n_hvg: int) -> Prepared:
                     None if counts.labels is None else counts.labels[kept])
 
 
+def _model_columns(counts: Counts, transform: Transform, what: str) -> np.ndarray:
+    """Columns of ``counts`` holding the saved model's input features, in the model's order;
+    refuse data that lacks any of them (``what`` names them: genes or peaks)."""
+    column = {str(n): i for i, n in enumerate(counts.features)}
+    missing = [f for f in transform.input_features if f not in column]
+    if missing:
+        raise UserError(f"{len(missing)} of the model's {what} are missing from the data (e.g. '{missing[0]}')",
+                        f"pass data with the {what} the model was trained on")
+    return np.array([column[f] for f in transform.input_features])
+
+
 def apply_rna(counts: Counts, transform: Transform) -> Prepared:
     """Preprocess new counts with a saved model's genes and z-score statistics."""
     matrix, kept = _keep_cells(counts)
-    column = {str(n): i for i, n in enumerate(counts.features)}
-    missing = [g for g in transform.input_features if g not in column]
-    if missing:
-        raise UserError(f"{len(missing)} of the model's genes are missing from the data (e.g. '{missing[0]}')",
-                        "pass data with the genes the model was trained on")
+    cols = _model_columns(counts, transform, "genes")
     totals = row_sums(matrix)
     lognorm = normalise_log1p(matrix)
-    cols = np.array([column[g] for g in transform.input_features])
     x = lognorm[:, cols].tocsr()
     mean, std = transform.tensors["mean"], transform.tensors["std"]
     return Prepared("rna", counts.cell_ids[kept], kept, counts.matrix.shape[0], Features(x, mean, std),
@@ -305,12 +311,7 @@ def prepare_atac(counts: Counts, n_targets: int, seed: int) -> Prepared:
 def apply_atac(counts: Counts, transform: Transform) -> Prepared:
     """LSI of new data through a saved model's IDF and SVD components."""
     matrix, kept = _keep_cells(counts)
-    column = {str(n): i for i, n in enumerate(counts.features)}
-    missing = [p for p in transform.input_features if p not in column]
-    if missing:
-        raise UserError(f"{len(missing)} of the model's peaks are missing from the data (e.g. '{missing[0]}')",
-                        "pass data with the peaks the model was trained on")
-    cols = np.array([column[p] for p in transform.input_features])
+    cols = _model_columns(counts, transform, "peaks")
     binary = _binary(matrix)[:, cols].tocsr()
     t = transform.tensors
     lsi = _lsi(binary, t["peak_totals"].astype(np.float64), int(t["n_cells"][0]), t["components"])
