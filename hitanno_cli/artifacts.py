@@ -164,9 +164,14 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> N
         raise
 
 
-def write_json(path: str | Path, obj: Any, overwrite: bool = False) -> None:
-    """Write JSON atomically (pretty-printed: these files are read by people too)."""
-    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n", overwrite)
+def write_json(path: str | Path, obj: Any, overwrite: bool = False, pretty: bool = True) -> None:
+    """Write JSON atomically; pretty-printed unless ``pretty=False``.
+
+    Pretty output goes through Python's slow pure-Python encoder; large artifacts
+    (a panel of every peak) pass ``pretty=False`` for the C encoder, ~10x faster.
+    """
+    text = json.dumps(obj, indent=1 if pretty else None, ensure_ascii=False)
+    atomic_write_text(path, text + "\n", overwrite)
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -113,9 +113,29 @@ class H5ad:
             self._var = read_elem(self._file["var"])
         return self._var
 
+    def _obs_columnwise(self) -> bool:
+        """Whether obs is a column-per-dataset group (anndata ≥ 0.7), readable one column at a time."""
+        node = self._file["obs"]
+        return isinstance(node, h5py.Group) and "_index" in node.attrs and "column-order" in node.attrs
+
+    def obs_columns(self) -> list[str]:
+        """Names of the obs columns (without reading them)."""
+        if self._obs is None and self._obs_columnwise():
+            order = self._file["obs"].attrs["column-order"]
+            return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+        return [str(c) for c in self.obs.columns]
+
+    def _obs_column(self, key: str) -> pd.Series | pd.Index:
+        """One obs column (or the index for ``None``), read alone when the layout allows."""
+        if self._obs is None and self._obs_columnwise():
+            node = self._file["obs"]
+            name = node.attrs["_index"] if key is None else key
+            return pd.Index(read_elem(node[name])) if key is None else pd.Series(read_elem(node[name]))
+        return self.obs.index if key is None else self.obs[key]
+
     def obs_names(self) -> np.ndarray:
         """Cell ids as an array of str."""
-        return np.asarray(self.obs.index.astype(str))
+        return np.asarray(self._obs_column(None).astype(str))
 
     def var_names(self) -> np.ndarray:
         """Feature names as an array of str."""
@@ -134,14 +154,14 @@ class H5ad:
 
     def labels(self, key: str) -> np.ndarray:
         """The ``obs[key]`` column as an object array of str, ``None`` where missing."""
-        if key not in self.obs.columns:
-            columns = ", ".join(map(str, self.obs.columns[:20])) or "none"
+        if key not in self.obs_columns():
+            columns = ", ".join(self.obs_columns()[:20]) or "none"
             raise UserError(
                 f"label key '{key}' is not a column of obs in {self.path}",
                 f"pass --label-key with one of: {columns}",
             )
         if key not in self._labels:
-            column = self.obs[key]
+            column = self._obs_column(key)
             values = column.astype(object).to_numpy()
             missing = pd.isna(column).to_numpy()
             self._labels[key] = np.array([None if m else str(v) for v, m in zip(values, missing)], dtype=object)

@@ -113,7 +113,7 @@ class Panel:
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write the panel atomically."""
-        artifacts.write_json(path, self.to_json(), overwrite=overwrite)
+        artifacts.write_json(path, self.to_json(), overwrite=overwrite, pretty=False)
 
     @classmethod
     def from_json(cls, obj: Any, source: str | Path = "panel") -> Panel:

@@ -61,7 +61,7 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
     from hitanno_cli.training import TrainOptions, train
 
     with H5ad(query) as h5:
-        query_labelled = label_key in h5.obs.columns
+        query_labelled = label_key in h5.obs_columns()
     query_key = label_key if query_labelled else None
     panel, ref_zarr, query_zarr = out / "panel.json", out / "reference.zarr", out / "query.zarr"
     model, predictions, report = out / "model", out / "predictions", out / "report"

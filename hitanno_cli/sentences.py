@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ from hitanno_cli.panel import Panel
 
 #: Target raw bytes per zarr chunk of packed states.
 CHUNK_BYTES = 1 << 22
-#: Packed states buffered before one write to the store.
-WRITE_BYTES = 1 << 26
+#: Packed states buffered before one write to the store (written in the background
+#: while the next block is read and packed: zstd releases the GIL).
+WRITE_BYTES = 1 << 24
 
 
 # -- matching the data's peaks to the panel ---------------------------------------------
@@ -124,13 +126,32 @@ def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.nda
     else:
         sub = counts @ match.matrix
         targets = sub.indices
-    n_rows, n_bits = sub.shape[0], n_bytes * 8
-    flat = np.repeat(np.arange(n_rows, dtype=np.int64) * n_bits, np.diff(sub.indptr)) + targets
     if sub.nnz and sub.data.min() <= 0:
-        flat = flat[sub.data > 0]
-    dense = np.zeros(n_rows * n_bits, dtype=bool)  # measured faster than np.add.at on packed bytes
-    dense[flat] = True
-    return np.packbits(dense.reshape(n_rows, n_bits), axis=1, bitorder="little")
+        sub = sp.csr_matrix((sub.data > 0, targets, sub.indptr), shape=sub.shape)
+        sub.eliminate_zeros()
+        targets = sub.indices
+    return _pack_rows(sub.indptr, targets, n_bytes)
+
+
+#: Size of the 0/1 scratch row block: small enough to stay in cache and be reused
+#: (a fresh chunk-sized buffer cost more in page faults than the packing itself).
+_SCRATCH_BITS = 1 << 21
+
+
+def _pack_rows(indptr: np.ndarray, targets: np.ndarray, n_bytes: int) -> np.ndarray:
+    """Set bit ``targets[k]`` of row ``r`` for each entry ``k`` of row ``r`` (CSR layout)."""
+    n_rows, n_bits = indptr.size - 1, n_bytes * 8
+    out = np.empty((n_rows, n_bytes), dtype=np.uint8)
+    block = max(1, _SCRATCH_BITS // max(n_bits, 1))
+    scratch = np.zeros(block * n_bits, dtype=bool)
+    for lo in range(0, n_rows, block):
+        hi = min(lo + block, n_rows)
+        a, b = int(indptr[lo]), int(indptr[hi])
+        flat = np.repeat(np.arange(hi - lo, dtype=np.int64) * n_bits, np.diff(indptr[lo : hi + 1])) + targets[a:b]
+        scratch[flat] = True
+        out[lo:hi] = np.packbits(scratch[: (hi - lo) * n_bits].reshape(hi - lo, n_bits), axis=1, bitorder="little")
+        scratch[flat] = False  # cheaper than clearing the whole block
+    return out
 
 
 def chunk_cells_for(n_bytes: int) -> int:
@@ -293,7 +314,9 @@ def _open_staging(job: EncodeJob, h5: H5ad) -> zarr.Group:
 
 def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
     """Encode this shard's chunk-aligned range of cells."""
-    bits = group["bits"]
+    # write_empty_chunks: zarr's all-fill check of every chunk cost a quarter of encode;
+    # a chunk of cells is never all closed in practice, and writing one is harmless.
+    bits = group["bits"].with_config({"write_empty_chunks": True})
     chunk = bits.chunks[0]
     n_chunks = -(-h5.n_obs // chunk)
     i, n = job.shard
@@ -302,7 +325,7 @@ def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
     digests = np.zeros((last - first, 32), dtype=np.uint8)
     pending: list[np.ndarray] = []  # whole chunks, written together: fewer zarr round trips
     start = lo
-    with console.progress(f"encode {job.data.name}", hi - lo) as bar:
+    with console.progress(f"encode {job.data.name}", hi - lo) as bar, BackgroundWriter(bits) as writer:
         for k, (row, counts) in enumerate(h5.iter_chunks(lo, hi, chunk_rows=chunk)):
             check_counts(counts.data, job.data, row)
             packed = pack_states(counts, job.match, bits.shape[1])
@@ -310,12 +333,48 @@ def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
             pending.append(packed)
             if sum(p.nbytes for p in pending) >= WRITE_BYTES or row + packed.shape[0] == hi:
                 block = np.concatenate(pending)
-                bits[start : start + block.shape[0]] = block
+                writer.write(start, block)
                 start += block.shape[0]
                 pending.clear()
             bar.advance(packed.shape[0])
     (job.staging / "digests").mkdir(exist_ok=True)
     np.save(job.staging / "digests" / f"{i}.npy", digests)
+
+
+class BackgroundWriter:
+    """Writes row blocks to a zarr array in one background thread, one block in flight.
+
+    Compression overlaps the reading and packing of the next block; memory stays
+    bounded by two blocks; an error in the writer surfaces at the next write or on exit.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hitanno-writer")
+        self._inflight: Future[None] | None = None
+
+    def _put(self, start: int, block: np.ndarray) -> None:
+        self.array[start : start + block.shape[0]] = block
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Queue ``block`` for rows ``[start, start + len(block))`` after the previous one lands."""
+        self.wait()
+        self._inflight = self._pool.submit(self._put, start, block)
+
+    def wait(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:

@@ -143,3 +143,42 @@ def test_pack_states_many_to_many_map_and_explicit_zeros() -> None:
     one_to_one = PeakMatch.from_pairs(np.array([3, 1]), np.array([9, 4]), 4, 10, 2, 0)
     bits = np.unpackbits(pack_states(counts, one_to_one, 2), axis=1, count=10, bitorder="little")
     assert np.flatnonzero(bits[1]).tolist() == [4] and np.flatnonzero(bits[2]).tolist() == [9]
+
+
+def test_pack_states_across_scratch_blocks_equals_dense(monkeypatch) -> None:
+    """Rows packed block by block through the reused scratch equal a dense computation."""
+    import scipy.sparse as sp
+
+    from hitanno_cli import sentences
+
+    rng = np.random.default_rng(3)
+    counts = sp.random(37, 50, density=0.2, format="csr", random_state=4, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 3)
+    lookup = rng.permutation(50)[:30]  # columns 0..29 light distinct panel peaks
+    match = sentences.PeakMatch.from_pairs(np.arange(30), lookup, 50, 50, 30, 0)
+    monkeypatch.setattr(sentences, "_SCRATCH_BITS", 7 * 56)  # 7 rows per block: 6 blocks
+    packed = sentences.pack_states(counts, match, 7)
+    expected = np.zeros((37, 56), dtype=bool)
+    dense = counts.toarray() > 0
+    expected[:, lookup] = dense[:, :30]
+    assert np.array_equal(np.unpackbits(packed, axis=1, bitorder="little").astype(bool), expected)
+
+
+def test_background_writer_writes_rows_and_surfaces_errors(tmp_path) -> None:
+    import zarr
+
+    from hitanno_cli.sentences import BackgroundWriter
+
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(10, 3), chunks=(4, 3), dtype="uint8", fill_value=0)
+    with BackgroundWriter(array) as writer:
+        writer.write(0, np.full((4, 3), 1, np.uint8))
+        writer.write(4, np.full((6, 3), 2, np.uint8))
+    assert array[:].tolist() == [[1] * 3] * 4 + [[2] * 3] * 6
+
+    class Failing(BackgroundWriter):
+        def _put(self, start: int, block: np.ndarray) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):  # raised in the thread, surfaced here
+        with Failing(array) as writer:
+            writer.write(0, np.ones((2, 3), np.uint8))
