@@ -74,7 +74,12 @@ def build(path: str, peaks: int) -> tuple[torch.nn.Module, object]:
 
 
 def measure(spec: dict) -> dict:
-    """Median cells/s over timed steps (after warm-up), and this process's peak RSS."""
+    """Median cells/s over timed steps (after warm-up), and this process's peak RSS.
+
+    Every path runs with the allocator setting ``hitanno train`` uses (all alike)."""
+    from hitanno_cli.allocator import keep_freed_memory
+
+    spec["keep_freed_memory"] = keep_freed_memory()
     model, logits = build(spec["path"], spec["peaks"])
     batches = [random_batch(spec["batch"], N_TYPES * spec["peaks"], seed)
                for seed in range(spec["warmup"] + spec["steps"])]
@@ -149,7 +154,8 @@ def matmul_gflops() -> float:
 # -- the run --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=512, help="sparse-path batch size")
+    parser.add_argument("--batch-size", default="512,2048",
+                        help="sparse-path batch sizes, comma-separated (the sweep uses the first)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter sweep")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,10 +163,12 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.worker))))
         return
 
+    batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
+    args.batch_size = batch_sizes[0]
     slow = dict(batch=4, warmup=0, steps=1 if args.quick else 2)
-    fast = dict(batch=args.batch_size, warmup=2, steps=3 if args.quick else 7)
-    plans = [("reference", slow), ("dense", dict(slow, warmup=1, steps=2 if args.quick else 3)),
-             ("sparse", fast)]
+    fast = dict(batch=batch_sizes[0], warmup=2, steps=3 if args.quick else 7)
+    plans = [("reference", slow), ("dense", dict(slow, warmup=1, steps=2 if args.quick else 3))]
+    plans += [("sparse", dict(fast, batch=b)) for b in batch_sizes]
     gflops_limit = matmul_gflops()
     results = []
     for path, plan in plans:

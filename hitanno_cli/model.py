@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,6 +171,35 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 # -- building blocks ----------------------------------------------------------------------
+class Dropout(nn.Module):
+    """Inverted dropout whose CPU mask comes from numpy's PCG64 random bytes.
+
+    torch's CPU Bernoulli sampler took a tenth of a sparse-path training step; 16-bit
+    draws from PCG64 are ~4× cheaper. The keep probability is quantised to 1/65536
+    and the scale is its exact inverse, so the layer stays unbiased. Each call seeds
+    PCG64 from torch's generator: ``torch.manual_seed`` and resumed RNG state still
+    reproduce a run. Other devices use :func:`torch.nn.functional.dropout`.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep = max(1, round((1.0 - self.p) * 65536))
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        draws = np.frombuffer(np.random.default_rng(seed).bytes(2 * x.numel()), dtype=np.uint16)
+        scale = torch.from_numpy(draws < keep).view(x.shape).to(x.dtype).mul_(65536.0 / keep)
+        return x * scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class EncoderLayer(nn.Module):
     """A post-LayerNorm BERT layer: self-attention, residual, LN; GELU FFN, residual, LN."""
 
@@ -184,7 +214,7 @@ class EncoderLayer(nn.Module):
         self.ff_in = nn.Linear(dim, ff)
         self.ff_out = nn.Linear(ff, dim)
         self.ff_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, S, D]`` → ``[N, H, S, D/H]``."""
@@ -212,6 +242,29 @@ class EncoderLayer(nn.Module):
         return self.finish(queries, context), weights
 
 
+    def first_token(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """Token 0's output ``[N, 1, D]`` of ``x [N, S, D]``, without forming keys or values.
+
+        With a single query per sequence, ``q·k_s = x_s·(W_kᵀ q) + b_k·q`` and
+        ``Σ_s a_s v_s = W_v (Σ_s a_s x_s) + b_v``: the cost falls from ``2·S·D²`` to about
+        ``D² + 2·S·D·H`` per sequence. The same function as ``forward(first_only=True)``.
+        ``first`` is ``x[:, :1]`` when the caller has it unsliced (slicing ``x`` costs a
+        zero-filled gradient of ``x``'s size).
+        """
+        n, s, dim = x.shape
+        h = self.heads
+        d = dim // h
+        scale = 1.0 / math.sqrt(d)
+        first = x[:, :1] if first is None else first
+        q = self.query(first).view(n, h, d)
+        folded = torch.einsum("nhd,hde->nhe", q, self.key.weight.view(h, d, dim)) * scale
+        bias = (q * self.key.bias.view(h, d)).sum(-1, keepdim=True) * scale  # [N, H, 1]
+        scores = torch.baddbmm(bias, folded, x.transpose(1, 2)).softmax(dim=-1)  # [N, H, S]
+        mixed = torch.bmm(scores, x)  # [N, H, D]: attention-weighted inputs per head
+        context = torch.einsum("nhe,hde->nhd", mixed, self.value.weight.view(h, d, dim)) + self.value.bias.view(h, d)
+        return self.finish(first, context.reshape(n, 1, dim))
+
+
 class TokenEmbedding(nn.Module):
     """Peak tokens ``LN(identity[p] + state[s])`` and set tokens ``LN(set[t])``."""
 
@@ -227,6 +280,10 @@ class TokenEmbedding(nn.Module):
     def peak_tokens(self) -> torch.Tensor:
         """Both normalised token vectors of every panel peak, ``[2, T*P, D]`` (closed, open)."""
         return self.norm(self.identity.weight[None] + self.state.weight[:, None])
+
+    def peak_tokens_in(self, state: int) -> torch.Tensor:
+        """The normalised token of every panel peak in one state, ``[T*P, D]`` (0 closed, 1 open)."""
+        return self.norm(self.identity.weight + self.state.weight[state])
 
     def set_tokens(self) -> torch.Tensor:
         """The normalised set token of every cell type, ``[T, D]``."""
@@ -434,9 +491,9 @@ class HitAnno(nn.Module):
         states = torch.zeros(ill_rows.numel(), p, dtype=torch.bool, device=ill.device)
         states[entry_slot[picked], positions[picked] % p] = True
         sets = ill_rows % t
-        logits = torch.where(states.unsqueeze(-1), panel.logits[1, sets], panel.logits[0, sets])  # [R, P, H]
+        logits = torch.where(states.unsqueeze(-1), panel.logits_open[sets], panel.logits_closed[sets])  # [R, P, H]
         scores = torch.cat([panel.self_logit[sets].unsqueeze(1), logits], dim=1).softmax(dim=1)
-        v_closed, v_open = panel.values[0, sets], panel.values[1, sets]  # [R, P, H, d]
+        v_closed, v_open = panel.values_closed[sets], panel.values_open[sets]  # [R, P, H, d]
         peak_weights = scores[:, 1:]
         exact = (scores[:, 0].unsqueeze(-1) * panel.self_value[sets]
                  + torch.einsum("rph,rphd->rhd", peak_weights, v_closed)
@@ -449,7 +506,7 @@ class HitAnno(nn.Module):
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
         states = dense_states(indptr, positions, self.n_positions).view(b, t, p, 1)
-        logits = torch.where(states, panel.logits[1], panel.logits[0])  # [B, T, P, H]
+        logits = torch.where(states, panel.logits_open, panel.logits_closed)  # [B, T, P, H]
         own = panel.self_logit.expand(b, t, -1).unsqueeze(2)
         scores = torch.cat([own, logits], dim=2).softmax(dim=2)
         return scores[:, :, 1:].mean(dim=-1)
@@ -468,13 +525,16 @@ class HitAnno(nn.Module):
         return cache[1]
 
     def panel_attention_terms(self) -> PanelTerms:
-        """The cell-independent quantities of the sparse path, for the whole panel."""
+        """The cell-independent quantities of the sparse path, for the whole panel.
+
+        The closed and open states are kept as separate tensors (not one stacked
+        ``[2, …]`` tensor): slicing a stack costs a zero-filled gradient per slice.
+        """
         layer = self.level1[0]
         t, p = self.config.n_types, self.config.peaks_per_type
         h = self.config.level1_heads
         with torch.autocast(device_type=self.cls.device.type, enabled=False):
             sets = self.embed.set_tokens()  # [T, D]
-            peaks = self.embed.peak_tokens()  # [2, T*P, D]
             d = sets.shape[-1] // h
             scale = 1.0 / math.sqrt(d)
             q = layer.query(sets).view(t, h, d)
@@ -482,26 +542,28 @@ class HitAnno(nn.Module):
             w_k = layer.key.weight.view(h, d, -1)
             folded = torch.einsum("thd,hde->the", q, w_k) * scale  # [T, H, D]
             bias = (layer.key.bias.view(1, h, d) * q).sum(-1) * scale  # [T, H]
-            logits = torch.einsum("stpe,the->stph", peaks.view(2, t, p, -1), folded) + bias[None, :, None]
             self_logit = torch.einsum("te,the->th", sets, folded) + bias  # [T, H]
-            m = torch.maximum(logits.amax(dim=(0, 2)), self_logit).detach()
-            e = torch.exp(logits - m[None, :, None])  # [2, T, P, H]
+            tokens = [self.embed.peak_tokens_in(state) for state in (0, 1)]  # closed, open: [T*P, D]
+            logits = [torch.einsum("tpe,the->tph", x.view(t, p, -1), folded) + bias[:, None] for x in tokens]
+            m = torch.maximum(torch.maximum(logits[0].amax(dim=1), logits[1].amax(dim=1)), self_logit).detach()
+            e0, e1 = (torch.exp(lg - m[:, None]) for lg in logits)  # [T, P, H]
             e_self = torch.exp(self_logit - m)
-            v = layer.value(peaks).view(2, t, p, h, d)
+            v0, v1 = (layer.value(x).view(t, p, h, d) for x in tokens)
             v_self = layer.value(sets).view(t, h, d)
-            z_closed = e_self + e[0].sum(dim=1)
-            n_closed = e_self.unsqueeze(-1) * v_self + torch.einsum("tph,tphd->thd", e[0], v[0])
-            ev = e.unsqueeze(-1) * v
-            e_closed = e[0].reshape(t * p, h).detach()
+            z_closed = e_self + e0.sum(dim=1)
+            n_closed = e_self.unsqueeze(-1) * v_self + torch.einsum("tph,tphd->thd", e0, v0)
+            delta_n = e1.unsqueeze(-1) * v1 - e0.unsqueeze(-1) * v0
             return PanelTerms(
                 set_tokens=sets,
                 z_closed=z_closed,
                 closed=torch.cat([z_closed, n_closed.reshape(t, h * d), z_closed.detach()], dim=1),
-                deltas=torch.cat([(e[1] - e[0]).reshape(t * p, h), (ev[1] - ev[0]).reshape(t * p, h * d),
-                                  e_closed], dim=1),
-                logits=logits,
+                deltas=torch.cat([(e1 - e0).reshape(t * p, h), delta_n.reshape(t * p, h * d),
+                                  e0.reshape(t * p, h).detach()], dim=1),
+                logits_closed=logits[0],
+                logits_open=logits[1],
                 self_logit=self_logit,
-                values=v,
+                values_closed=v0,
+                values_open=v1,
                 self_value=v_self,
             )
 
@@ -524,8 +586,10 @@ class HitAnno(nn.Module):
         weights = None
         for i, layer in enumerate(self.level2):
             last = i == len(self.level2) - 1
-            x, weights = layer(x, sdpa_attention, first_only=last and not need_weights,
-                               need_weights=last and need_weights)
+            if last and not need_weights:  # only CLS is used: skip the other tokens' keys and values
+                x = layer.first_token(x, first=cls if i == 0 else None)
+            else:
+                x, weights = layer(x, sdpa_attention, need_weights=last and need_weights)
         attn = weights.mean(dim=1) if weights is not None else None
         return x[:, 0], attn
 
@@ -538,7 +602,9 @@ class PanelTerms:
     z_closed: torch.Tensor  # [T, H] all-closed softmax denominators
     closed: torch.Tensor  # [T, H + D + H]: Z_closed | N_closed | Z_closed (no grad)
     deltas: torch.Tensor  # [T*P, H + D + H]: e1 − e0 | e1·V1 − e0·V0 | e0 (no grad), per peak
-    logits: torch.Tensor  # [2, T, P, H] set-token query · peak keys / √d, per state
+    logits_closed: torch.Tensor  # [T, P, H] set-token query · closed peak keys / √d
+    logits_open: torch.Tensor  # [T, P, H] the same for open peaks
     self_logit: torch.Tensor  # [T, H] set-token query · its own key / √d
-    values: torch.Tensor  # [2, T, P, H, d] peak values, per state
+    values_closed: torch.Tensor  # [T, P, H, d] closed peak values
+    values_open: torch.Tensor  # [T, P, H, d] open peak values
     self_value: torch.Tensor  # [T, H, d]

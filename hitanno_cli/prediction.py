@@ -26,6 +26,7 @@ import torch
 import zarr
 
 from hitanno_cli import artifacts, console
+from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.batches import Batch, OpenRows, open_from_packed, sequential_batches
 from hitanno_cli.checkpoint import LoadedModel, load_model
 from hitanno_cli.errors import UserError
@@ -147,6 +148,7 @@ def predict(model_dir: str | Path, out: str | Path, sentences: str | Path | None
     out = Path(out)
     artifacts.refuse_existing(out, overwrite)
     chosen = resolve_device(device, gpu)
+    keep_freed_memory()
     loaded = load_model(model_dir, chosen)
     if sentences is not None:
         query = store_query(Path(sentences), loaded, batch_size)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hitanno_cli import artifacts, checkpoint, console
+from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.batches import BUFFER_CELLS, Batch, OpenRows, ShuffledCells, sequential_batches, split_for_rank
 from hitanno_cli.errors import UserError
 from hitanno_cli.model import HitAnno, ModelConfig
@@ -590,6 +591,7 @@ def train(sentences: str | Path, panel_path: str | Path, out: str | Path, option
     out = Path(out)
     options.check()
     chosen = resolve_device(device, gpu)
+    keep_freed_memory()
     check_output(out, resume, overwrite)
     store = SentenceStore(sentences)
     panel = Panel.load(panel_path)

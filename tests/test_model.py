@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hitanno_cli.errors import UserError
 from hitanno_cli.model import (
+    Dropout,
     EncoderLayer,
     HitAnno,
     ModelConfig,
@@ -312,3 +313,40 @@ def test_sparse_path_accepts_open_positions_in_any_order_within_a_cell() -> None
     reference = dense(indptr, positions).logits
     assert rel_err(sparse(indptr, shuffled).logits, reference) <= 1e-5
     assert rel_err(sparse(indptr, positions).logits, reference) <= 1e-5
+
+
+def test_first_token_equals_full_layer_output_and_gradients() -> None:
+    """The folded one-query attention of level 2 is the layer's token-0 output, exactly."""
+    torch.manual_seed(0)
+    layer = EncoderLayer(32, 4, 16, dropout=0.0)
+    x = torch.randn(5, 9, 32, requires_grad=True)
+    full, _ = layer(x, sdpa_attention, first_only=True)
+    grad_full = torch.autograd.grad(full.square().sum(), [x, *layer.parameters()], allow_unused=True)
+    folded = layer.first_token(x)
+    grad_folded = torch.autograd.grad(folded.square().sum(), [x, *layer.parameters()], allow_unused=True)
+    assert folded.shape == (5, 1, 32) and rel_err(folded, full) <= 1e-5
+    scale = max(float(g.abs().max()) for g in grad_full if g is not None)
+    for a, b in zip(grad_folded, grad_full):  # the key bias's is 0 in exact arithmetic: absolute floor
+        if b is not None:
+            assert float((a - b).abs().max()) <= 1e-5 * scale
+    first = x[:, :1].detach().clone().requires_grad_()  # given unsliced, the same function
+    assert rel_err(layer.first_token(torch.cat([first, x[:, 1:]], dim=1), first=first), full) <= 1e-5
+
+
+def test_dropout_rate_scale_and_reproducibility() -> None:
+    drop = Dropout(0.25)
+    x = torch.ones(400, 500)
+    torch.manual_seed(3)
+    a = drop(x)
+    assert abs(float((a == 0).float().mean()) - 0.25) < 0.005  # the requested share is dropped
+    assert abs(float(a.mean()) - 1.0) < 0.01  # and the survivors are scaled to keep the mean
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)  # seeded by torch's generator: runs reproduce
+    assert not torch.equal(drop(x), a)  # and each call draws a new mask
+    drop.eval()
+    assert drop(x) is x
+    y = torch.ones(10, requires_grad=True)
+    drop.train()
+    out = drop(y)
+    out.sum().backward()
+    assert torch.equal(y.grad, out.detach())  # gradient passes through the same mask and scale

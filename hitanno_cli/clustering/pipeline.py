@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hitanno_cli import artifacts, console
+from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.clustering import io
 from hitanno_cli.clustering.graph import GraphConfig, check_neighbors
 from hitanno_cli.clustering.preprocess import apply, describe, prepare, read_counts
@@ -89,6 +90,7 @@ def run_cluster(data_path: str | Path, out: str | Path, options: ClusterOptions,
     options.check()
     artifacts.refuse_existing(out, overwrite)
     device = resolve_device(options.device)
+    keep_freed_memory()
     counts = read_counts(data_path, options.label_key, options.layer, integer=options.modality == "rna")
     data = prepare(counts, options.modality, options.n_hvg, options.train.seed)
     check_neighbors(min(data.n_cells, options.max_cells), options.graph.n_neighbors)
