@@ -129,7 +129,10 @@ def forward_flops_per_cell(path: str, peaks: int, batch: int, open_peaks: float,
         tokens = t * (peaks + 1)
         level1 = tokens * (6 * d * d + finish) + 4 * t * (peaks + 1) ** 2 * d
         return level1 + level2_full + head
-    level2_cls = (t + 1) * 4 * d * d + 2 * d * d + 4 * (t + 1) * d + finish  # K, V all; Q, rest CLS
+    # level 2's last layer computes CLS only, by folded one-query attention (EncoderLayer.first_token):
+    # q, W_kᵀq and W_v·(Σ a x) are D² each; scores and the weighted sum are (T+1)·D·H each
+    heads2 = 16
+    level2_cls = 6 * d * d + 4 * (t + 1) * d * heads2 + finish
     if path == "dense":
         level1 = t * (peaks + 1) * 4 * d * d + t * (2 * d * d + 4 * (peaks + 1) * d + finish)
         return level1 + level2_cls + head
