@@ -256,10 +256,14 @@ class EncoderLayer(nn.Module):
         d = dim // h
         scale = 1.0 / math.sqrt(d)
         first = x[:, :1] if first is None else first
-        q = self.query(first).view(n, h, d)
+        shared = n > 1 and first.stride(0) == 0  # one token broadcast to every sequence (level 2's CLS)
+        q = self.query(first[:1] if shared else first).view(-1, h, d)
         folded = torch.einsum("nhd,hde->nhe", q, self.key.weight.view(h, d, dim)) * scale
-        bias = (q * self.key.bias.view(h, d)).sum(-1, keepdim=True) * scale  # [N, H, 1]
-        scores = torch.baddbmm(bias, folded, x.transpose(1, 2)).softmax(dim=-1)  # [N, H, S]
+        bias = (q * self.key.bias.view(h, d)).sum(-1, keepdim=True) * scale  # [N or 1, H, 1]
+        if shared:  # one query for all: the scores are a single GEMM, not N small ones
+            scores = (x @ folded[0].T + bias[0, :, 0]).transpose(1, 2).softmax(dim=-1)  # [N, H, S]
+        else:
+            scores = torch.baddbmm(bias, folded, x.transpose(1, 2)).softmax(dim=-1)
         mixed = torch.bmm(scores, x)  # [N, H, D]: attention-weighted inputs per head
         context = torch.einsum("nhe,hde->nhd", mixed, self.value.weight.view(h, d, dim)) + self.value.bias.view(h, d)
         return self.finish(first, context.reshape(n, 1, dim))

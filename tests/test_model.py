@@ -331,6 +331,18 @@ def test_first_token_equals_full_layer_output_and_gradients() -> None:
             assert float((a - b).abs().max()) <= 1e-5 * scale
     first = x[:, :1].detach().clone().requires_grad_()  # given unsliced, the same function
     assert rel_err(layer.first_token(torch.cat([first, x[:, 1:]], dim=1), first=first), full) <= 1e-5
+    cls = torch.randn(32).expand(5, 1, 32)  # one token shared by all (level 2's CLS): the one-GEMM branch
+    shared_x = torch.cat([cls, x[:, 1:]], dim=1)
+    expected, _ = layer(shared_x, sdpa_attention, first_only=True)
+    got = layer.first_token(shared_x, first=cls)
+    assert rel_err(got, expected) <= 1e-5
+    params = list(layer.parameters())
+    g_expected = torch.autograd.grad(expected.square().sum(), [x, *params], allow_unused=True)
+    g_got = torch.autograd.grad(got.square().sum(), [x, *params], allow_unused=True)
+    scale = max(float(g.abs().max()) for g in g_expected if g is not None)
+    for a, b in zip(g_got, g_expected):
+        if b is not None:
+            assert float((a - b).abs().max()) <= 1e-5 * scale
 
 
 def test_dropout_rate_scale_and_reproducibility() -> None:
