@@ -465,7 +465,8 @@ class HitAnno(nn.Module):
             z, n, cancelled = sums.view(b * t, -1).split([h, sums.shape[-1] - 2 * h, h], dim=1)
             ill = self.ill_conditioned_rows(z.detach(), cancelled)
             z = torch.where(ill.unsqueeze(-1), torch.ones_like(z), z)
-            context = n.reshape(b * t, h, -1) / z.unsqueeze(-1)
+            # × reciprocal, not ÷: the division's backward cost three full-size passes
+            context = n.reshape(b * t, h, -1) * z.reciprocal().unsqueeze(-1)
             if bool(ill.any()):
                 context = self.exact_rows(panel, context, ill, rows, entries)
         sets = panel.set_tokens.expand(b, t, -1)
