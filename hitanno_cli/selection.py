@@ -191,6 +191,11 @@ def choose_types(
     return types, sizes
 
 
+def _known(positions: np.ndarray) -> list[int | None]:
+    """Coordinates as ints, ``None`` where unknown (stored as -1)."""
+    return [p if p >= 0 else None for p in positions.astype(np.int64).tolist()]
+
+
 def select_peaks(
     reference: str | Path,
     label_key: str,
@@ -231,11 +236,11 @@ def select_peaks(
         PeakSet(
             types[t],
             sizes[types[t]],
-            [str(names[p]) for p in idx],
-            [coords.chrom[p] for p in idx],
-            [int(coords.start[p]) if coords.start[p] >= 0 else None for p in idx],
-            [int(coords.end[p]) if coords.end[p] >= 0 else None for p in idx],
-            [round(float(scores[t, p]), 6) for p in idx],
+            names[idx].astype(str).tolist(),
+            coords.chrom[idx].tolist(),
+            _known(coords.start[idx]),
+            _known(coords.end[idx]),
+            np.round(scores[t, idx].astype(np.float64), 6).tolist(),
         )
         for t, idx in zip(order, chosen)
     ]
