@@ -126,7 +126,7 @@ class H5ad:
             return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
         return [str(c) for c in self.obs.columns]
 
-    def _obs_column(self, key: str) -> pd.Series | pd.Index:
+    def _obs_column(self, key: str | None) -> pd.Series | pd.Index:
         """One obs column (or the index for ``None``), read alone when the layout allows."""
         if self._obs is None and self._obs_columnwise():
             node = self._file["obs"]

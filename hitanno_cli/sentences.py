@@ -126,8 +126,8 @@ def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.nda
     else:
         sub = counts @ match.matrix
         targets = sub.indices
-    if sub.nnz and sub.data.min() <= 0:
-        sub = sp.csr_matrix((sub.data > 0, targets, sub.indptr), shape=sub.shape)
+    if sub.nnz and sub.data.min() <= 0:  # explicitly stored zeros: drop them
+        sub = sp.csr_matrix((sub.data > 0, targets, sub.indptr), shape=(sub.shape[0], n_bytes * 8))
         sub.eliminate_zeros()
         targets = sub.indices
     return _pack_rows(sub.indptr, targets, n_bytes)
@@ -362,6 +362,7 @@ class BackgroundWriter:
         self._inflight = self._pool.submit(self._put, start, block)
 
     def wait(self) -> None:
+        """Block until the block in flight (if any) is written; re-raise its error."""
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
             inflight.result()

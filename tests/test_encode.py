@@ -143,6 +143,9 @@ def test_pack_states_many_to_many_map_and_explicit_zeros() -> None:
     one_to_one = PeakMatch.from_pairs(np.array([3, 1]), np.array([9, 4]), 4, 10, 2, 0)
     bits = np.unpackbits(pack_states(counts, one_to_one, 2), axis=1, count=10, bitorder="little")
     assert np.flatnonzero(bits[1]).tolist() == [4] and np.flatnonzero(bits[2]).tolist() == [9]
+    zero_in_panel = PeakMatch.from_pairs(np.array([2, 1]), np.array([9, 4]), 4, 10, 2, 0)
+    bits = np.unpackbits(pack_states(counts, zero_in_panel, 2), axis=1, count=10, bitorder="little")
+    assert np.flatnonzero(bits[1]).tolist() == [4]  # column 2's stored zero lights nothing
 
 
 def test_pack_states_across_scratch_blocks_equals_dense(monkeypatch) -> None:
