@@ -114,21 +114,21 @@ class H5ad:
             self._var = read_elem(self._file["var"])
         return self._var
 
-    def _obs_columnwise(self) -> bool:
-        """Whether obs is a column-per-dataset group (anndata ≥ 0.7), readable one column at a time."""
-        node = self._file["obs"]
+    def _columnwise(self, frame: str = "obs") -> bool:
+        """Whether obs/var is a column-per-dataset group (anndata ≥ 0.7), readable one column at a time."""
+        node = self._file[frame]
         return isinstance(node, h5py.Group) and "_index" in node.attrs and "column-order" in node.attrs
 
     def obs_columns(self) -> list[str]:
         """Names of the obs columns (without reading them)."""
-        if self._obs is None and self._obs_columnwise():
+        if self._obs is None and self._columnwise("obs"):
             order = self._file["obs"].attrs["column-order"]
             return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
         return [str(c) for c in self.obs.columns]
 
     def _obs_column(self, key: str | None) -> pd.Series | pd.Index:
         """One obs column (or the index for ``None``), read alone when the layout allows."""
-        if self._obs is None and self._obs_columnwise():
+        if self._obs is None and self._columnwise("obs"):
             node = self._file["obs"]
             name = node.attrs["_index"] if key is None else key
             return pd.Index(read_elem(node[name])) if key is None else pd.Series(read_elem(node[name]))
@@ -139,7 +139,10 @@ class H5ad:
         return np.asarray(self._obs_column(None).astype(str))
 
     def var_names(self) -> np.ndarray:
-        """Feature names as an array of str."""
+        """Feature names as an array of str (the index alone is read when the layout allows)."""
+        if self._var is None and self._columnwise("var"):
+            node = self._file["var"]
+            return np.asarray(pd.Index(read_elem(node[node.attrs["_index"]])).astype(str))
         return np.asarray(self.var.index.astype(str))
 
     def unique_var_names(self) -> np.ndarray:

@@ -75,6 +75,11 @@ class PeakMatch:
         return out
 
     @functools.cached_property
+    def maps_every_column(self) -> bool:
+        """Whether every data column lights exactly one panel peak (no column to slice away)."""
+        return bool(np.all(np.diff(self.indptr) == 1))
+
+    @functools.cached_property
     def matrix(self) -> sp.csr_matrix:
         """The map as a sparse ``[n_columns, n_panel]`` 0/1 matrix."""
         ones = np.ones(self.targets.size, dtype=np.float32)
@@ -126,11 +131,14 @@ def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.nda
     """Bit-packed sentences ``[rows, n_bytes]`` of a chunk of raw counts.
 
     When every column lights at most one panel peak (the usual case) the panel's
-    columns are sliced out in scipy's C code; otherwise the counts are multiplied by
-    the column → panel map. Explicitly stored zeros count as closed.
+    columns are sliced out in scipy's C code (or, when every column lights one, simply
+    renumbered); otherwise the counts are multiplied by the column → panel map.
+    Explicitly stored zeros count as closed.
     """
     counts = counts.tocsr()
-    if match.lookup is not None:
+    if match.lookup is not None and match.maps_every_column:  # e.g. a panel of every peak
+        sub, targets = counts, match.lookup[counts.indices]
+    elif match.lookup is not None:
         columns = np.flatnonzero(match.lookup >= 0)
         sub = counts[:, columns]
         targets = match.lookup[columns][sub.indices]

@@ -165,6 +165,13 @@ def test_pack_states_across_scratch_blocks_equals_dense(monkeypatch) -> None:
     dense = counts.toarray() > 0
     expected[:, lookup] = dense[:, :30]
     assert np.array_equal(np.unpackbits(packed, axis=1, bitorder="little").astype(bool), expected)
+    every = rng.permutation(50)  # every column lights one panel peak: renumbered, not sliced
+    match = sentences.PeakMatch.from_pairs(np.arange(50), every, 50, 50, 50, 0)
+    assert match.maps_every_column
+    expected = np.zeros((37, 56), dtype=bool)
+    expected[:, every] = dense
+    packed = sentences.pack_states(counts, match, 7)
+    assert np.array_equal(np.unpackbits(packed, axis=1, bitorder="little").astype(bool), expected)
 
 
 def test_background_writer_writes_rows_and_surfaces_errors(tmp_path) -> None:
