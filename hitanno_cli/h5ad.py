@@ -114,7 +114,7 @@ class H5ad:
             self._var = read_elem(self._file["var"])
         return self._var
 
-    def _columnwise(self, frame: str = "obs") -> bool:
+    def _columnwise(self, frame: str) -> bool:
         """Whether obs/var is a column-per-dataset group (anndata ≥ 0.7), readable one column at a time."""
         node = self._file[frame]
         return isinstance(node, h5py.Group) and "_index" in node.attrs and "column-order" in node.attrs
@@ -126,24 +126,27 @@ class H5ad:
             return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
         return [str(c) for c in self.obs.columns]
 
-    def _obs_column(self, key: str | None) -> pd.Series | pd.Index:
-        """One obs column (or the index for ``None``), read alone when the layout allows."""
+    def _index(self, frame: str) -> pd.Index:
+        """The obs or var index, read alone when the layout allows."""
+        loaded = self._obs if frame == "obs" else self._var
+        if loaded is None and self._columnwise(frame):
+            node = self._file[frame]
+            return pd.Index(read_elem(node[node.attrs["_index"]]))
+        return (self.obs if frame == "obs" else self.var).index
+
+    def _obs_column(self, key: str) -> pd.Series:
+        """One obs column, read alone when the layout allows."""
         if self._obs is None and self._columnwise("obs"):
-            node = self._file["obs"]
-            name = node.attrs["_index"] if key is None else key
-            return pd.Index(read_elem(node[name])) if key is None else pd.Series(read_elem(node[name]))
-        return self.obs.index if key is None else self.obs[key]
+            return pd.Series(read_elem(self._file["obs"][key]))
+        return self.obs[key]
 
     def obs_names(self) -> np.ndarray:
         """Cell ids as an array of str."""
-        return np.asarray(self._obs_column(None).astype(str))
+        return np.asarray(self._index("obs").astype(str))
 
     def var_names(self) -> np.ndarray:
-        """Feature names as an array of str (the index alone is read when the layout allows)."""
-        if self._var is None and self._columnwise("var"):
-            node = self._file["var"]
-            return np.asarray(pd.Index(read_elem(node[node.attrs["_index"]])).astype(str))
-        return np.asarray(self.var.index.astype(str))
+        """Feature names as an array of str."""
+        return np.asarray(self._index("var").astype(str))
 
     def unique_var_names(self) -> np.ndarray:
         """Feature names, refusing duplicates (a peak must be identifiable by its name)."""

@@ -282,7 +282,7 @@ class TokenEmbedding(nn.Module):
 
     def peak_tokens(self) -> torch.Tensor:
         """Both normalised token vectors of every panel peak, ``[2, T*P, D]`` (closed, open)."""
-        return self.norm(self.identity.weight[None] + self.state.weight[:, None])
+        return torch.stack([self.peak_tokens_in(state) for state in (0, 1)])
 
     def peak_tokens_in(self, state: int) -> torch.Tensor:
         """The normalised token of every panel peak in one state, ``[T*P, D]`` (0 closed, 1 open)."""
