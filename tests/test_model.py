@@ -14,8 +14,11 @@ from hitanno_cli.model import (
     EncoderLayer,
     HitAnno,
     ModelConfig,
+    OpenSetSum,
     flash_unavailable_reason,
+    open_set_matrix,
     sdpa_attention,
+    transposed_open_set_matrix,
 )
 
 T, P = 4, 12
@@ -362,3 +365,21 @@ def test_dropout_rate_scale_and_reproducibility() -> None:
     out = drop(y)
     out.sum().backward()
     assert torch.equal(y.grad, out.detach())  # gradient passes through the same mask and scale
+
+
+@pytest.mark.parametrize("n_types, peaks", [(4, 12), (3, 11_000)])  # int16 and int32 sort keys
+def test_open_set_sum_backward_is_the_transposed_product(n_types: int, peaks: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n_positions = n_types * peaks
+    states = torch.rand(6, n_positions, generator=gen) < min(0.3, 40 / n_positions)
+    states[2] = False  # a cell with nothing open
+    indptr, positions = to_csr(states)
+    matrix, rows, entries = open_set_matrix(indptr, positions, n_types, peaks)
+    dense = matrix.to_dense()
+    assert torch.equal(transposed_open_set_matrix(rows, entries, *matrix.shape, torch.float32).to_dense(), dense.T)
+    table = torch.randn(n_positions, 5, generator=gen, requires_grad=True)
+    sums = OpenSetSum.apply(matrix, rows, entries, table)
+    grad = torch.randn(sums.shape, generator=gen)
+    (got,) = torch.autograd.grad(sums, table, grad)
+    assert torch.allclose(sums, dense @ table, atol=1e-5)
+    assert torch.allclose(got, dense.T @ grad, atol=1e-5)
