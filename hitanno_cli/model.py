@@ -202,6 +202,35 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class HeadwiseProjection(torch.autograd.Function):
+    """``out[n, h] = weight[h] · x[n, h]`` for ``x [N, H, E]``, ``weight [H, d, E]``: each
+    head's own linear map, as ``einsum("nhe,hde->nhd")``.
+
+    The weight's gradient is one ``[d, N] × [N, E]`` product per head on strided views;
+    einsum's backward first copies ``x`` into head-major order (its backward cost 2× more).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.einsum("nhe,hde->nhd", x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        with torch.autocast(device_type=grad.device.type, enabled=False):  # in the gradient's precision
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.bmm(grad.transpose(0, 1), weight.to(grad.dtype)).transpose(0, 1).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                x = x.to(grad.dtype)
+                grad_weight = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
+                for head in range(weight.shape[0]):
+                    torch.mm(grad[:, head].T, x[:, head], out=grad_weight[head])
+                grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight
+
+
 class EncoderLayer(nn.Module):
     """A post-LayerNorm BERT layer: self-attention, residual, LN; GELU FFN, residual, LN."""
 
@@ -266,7 +295,7 @@ class EncoderLayer(nn.Module):
         else:
             scores = torch.baddbmm(bias, folded, x.transpose(1, 2)).softmax(dim=-1)
         mixed = torch.bmm(scores, x)  # [N, H, D]: attention-weighted inputs per head
-        context = torch.einsum("nhe,hde->nhd", mixed, self.value.weight.view(h, d, dim)) + self.value.bias.view(h, d)
+        context = HeadwiseProjection.apply(mixed, self.value.weight.view(h, d, dim)) + self.value.bias.view(h, d)
         return self.finish(first, context.reshape(n, 1, dim))
 
 

@@ -12,6 +12,7 @@ from hitanno_cli.errors import UserError
 from hitanno_cli.model import (
     Dropout,
     EncoderLayer,
+    HeadwiseProjection,
     HitAnno,
     ModelConfig,
     OpenSetSum,
@@ -383,3 +384,19 @@ def test_open_set_sum_backward_is_the_transposed_product(n_types: int, peaks: in
     (got,) = torch.autograd.grad(sums, table, grad)
     assert torch.allclose(sums, dense @ table, atol=1e-5)
     assert torch.allclose(got, dense.T @ grad, atol=1e-5)
+
+
+def test_headwise_projection_equals_einsum_values_and_gradients() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 4, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 3, 6, generator=gen, requires_grad=True)
+    grad = torch.randn(7, 4, 3, generator=gen)
+    expected = torch.einsum("nhe,hde->nhd", x, weight)
+    got = HeadwiseProjection.apply(x, weight)
+    assert torch.allclose(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad)):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --precision bf16: low-precision gradient, fp32 leaves
+        out = HeadwiseProjection.apply(x, weight)
+    grads = torch.autograd.grad(out.float().square().sum(), (x, weight))
+    assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32, torch.float32]
