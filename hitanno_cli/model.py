@@ -191,12 +191,21 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
+        return x * self.scale_mask(x)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + dropout(x)``; on the CPU in one pass (``addcmul``)."""
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return residual + self(x)
+        return torch.addcmul(residual, x, self.scale_mask(x))
+
+    def scale_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh mask shaped like ``x``: 0 where dropped, the inverse keep rate elsewhere."""
         keep = max(1, round((1.0 - self.p) * 65536))
         seed = int(torch.randint(0, 2**62, (1,)).item())
         n = x.numel()
         draws = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
-        scale = torch.from_numpy(draws < keep).view(x.shape).to(x.dtype).mul_(65536.0 / keep)
-        return x * scale
+        return torch.from_numpy(draws < keep).view(x.shape).to(x.dtype).mul_(65536.0 / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -254,8 +263,8 @@ class EncoderLayer(nn.Module):
 
     def finish(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Everything after attention: output projection, residuals, LayerNorms, FFN."""
-        h = self.attn_norm(x + self.dropout(self.attn_out(context)))
-        return self.ff_norm(h + self.dropout(self.ff_out(F.gelu(self.ff_in(h)))))
+        h = self.attn_norm(self.dropout.add_to(x, self.attn_out(context)))
+        return self.ff_norm(self.dropout.add_to(h, self.ff_out(F.gelu(self.ff_in(h)))))
 
     def forward(self, x: torch.Tensor, attend: AttentionFn, first_only: bool = False,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -625,8 +634,9 @@ class HitAnno(nn.Module):
             v0, v1 = (layer.value(x).view(t, p, h, d) for x in tokens)
             v_self = layer.value(sets).view(t, h, d)
             z_closed = e_self + e0.sum(dim=1)
-            n_closed = e_self.unsqueeze(-1) * v_self + torch.einsum("tph,tphd->thd", e0, v0)
-            delta_n = e1.unsqueeze(-1) * v1 - e0.unsqueeze(-1) * v0
+            weighted_closed = e0.unsqueeze(-1) * v0  # [T, P, H, d], shared by N_closed and the deltas
+            n_closed = e_self.unsqueeze(-1) * v_self + weighted_closed.sum(dim=1)
+            delta_n = e1.unsqueeze(-1) * v1 - weighted_closed
             return PanelTerms(
                 set_tokens=sets,
                 z_closed=z_closed,
