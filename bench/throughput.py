@@ -8,12 +8,15 @@ Compares, at equal model size (published sizes) on the Granja shape (16 sets × 
 * ``dense`` — hitanno's own dense SDPA level-1 path (batch 4);
 * ``sparse`` — hitanno's exact sparse level-1 path (the default), at ``--batch-size``.
 
-Each measurement runs in its own subprocess so its peak RSS is its own. Then a sweep of
+Each measurement runs in its own subprocess so its peak RSS is its own. The reference runs
+once; dense and sparse run in ``--rounds`` interleaved rounds (default 3), and the table
+gives medians, with × dense the median of the ratios taken within a round (this machine's
+speed drifts by ±20 % over minutes). Then a sweep of
 peaks per type shows the sparse path's cost following the open peaks, not ``P²``.
 Prints a table and writes ``bench/results/throughput.json``.
 
     .venv/bin/python bench/throughput.py            # full run (a few minutes on 2 cores)
-    .venv/bin/python bench/throughput.py --quick    # fewer repeats and a shorter sweep
+    .venv/bin/python bench/throughput.py --quick    # fewer repeats, one round, a shorter sweep
 """
 
 from __future__ import annotations
@@ -159,7 +162,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", default="512,2048",
                         help="sparse-path batch sizes, comma-separated (the sweep uses the first)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter sweep")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, one round, shorter sweep")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of dense and sparse measurements, interleaved (medians are reported)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -168,21 +173,29 @@ def main() -> None:
 
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
     args.batch_size = batch_sizes[0]
+    args.rounds = 1 if args.quick else max(1, args.rounds)
     slow = dict(batch=4, warmup=0, steps=1 if args.quick else 2)
     # the first sparse steps grow the heap (fresh pages are slow to touch here): warm up past them
     fast = dict(batch=batch_sizes[0], warmup=4, steps=3 if args.quick else 7)
-    plans = [("reference", slow), ("dense", dict(slow, warmup=1, steps=2 if args.quick else 3))]
+    plans = [("dense", dict(slow, warmup=1, steps=2 if args.quick else 3))]
     plans += [("sparse", dict(fast, batch=b)) for b in batch_sizes]
     gflops_limit = matmul_gflops()
-    results = []
-    for path, plan in plans:
-        for mode in ("train", "infer"):
-            r = run_worker(dict(path=path, mode=mode, peaks=PEAKS, **plan))
-            flops = forward_flops_per_cell(path, PEAKS, r["batch"], r["open_per_cell"])
-            r["gflop_per_cell"] = flops * (3 if mode == "train" else 1) / 1e9
-            r["gflop_per_s"] = r["gflop_per_cell"] * r["cells_per_s"]
-            results.append(r)
-            print(f"  measured {path:9s} {mode:5s}: {r['cells_per_s']:10.2f} cells/s", file=sys.stderr)
+
+    def measured(path: str, mode: str, plan: dict) -> dict:
+        r = run_worker(dict(path=path, mode=mode, peaks=PEAKS, **plan))
+        flops = forward_flops_per_cell(path, PEAKS, r["batch"], r["open_per_cell"])
+        r["gflop_per_cell"] = flops * (3 if mode == "train" else 1) / 1e9
+        r["gflop_per_s"] = r["gflop_per_cell"] * r["cells_per_s"]
+        print(f"  measured {path:9s} {mode:5s} batch {r['batch']:5d}: {r['cells_per_s']:10.2f} cells/s",
+              file=sys.stderr)
+        return r
+
+    # the reference once (minutes); dense and sparse in interleaved rounds, so that a ratio is
+    # taken between measurements minutes apart at most, and its median over rounds reported
+    results = [measured("reference", mode, slow) for mode in ("train", "infer")]
+    rounds = [[measured(path, mode, plan) for path, plan in plans for mode in ("train", "infer")]
+              for _ in range(args.rounds)]
+    results += [median_round([rnd[i] for rnd in rounds]) for i in range(len(rounds[0]))]
 
     sweep = []
     for peaks in ((64, 625, 2000) if args.quick else (64, 250, 625, 2000, 4000)):
@@ -196,6 +209,12 @@ def main() -> None:
     report(results, sweep, gflops_limit, args)
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The run with the median cells/s over rounds, carrying every round's figure."""
+    ranked = sorted(runs, key=lambda r: r["cells_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "cells_per_s_rounds": [r["cells_per_s"] for r in runs]}
+
+
 def report(results: list[dict], sweep: list[dict], gflops_limit: float, args: argparse.Namespace) -> None:
     """Print the tables and write the JSON."""
     by = {(r["path"], r["mode"]): r for r in results}
@@ -206,9 +225,16 @@ def report(results: list[dict], sweep: list[dict], gflops_limit: float, args: ar
     for r in results:
         ref, dense = by[("reference", r["mode"])], by[("dense", r["mode"])]
         r["x_reference"] = r["cells_per_s"] / ref["cells_per_s"]
-        r["x_dense"] = r["cells_per_s"] / dense["cells_per_s"]
+        if "cells_per_s_rounds" in r:  # the median of the ratios taken within each round
+            r["x_dense_rounds"] = [a / b for a, b in zip(r["cells_per_s_rounds"], dense["cells_per_s_rounds"])]
+            r["x_dense"] = statistics.median(r["x_dense_rounds"])
+        else:
+            r["x_dense"] = r["cells_per_s"] / dense["cells_per_s"]
         print(f"{r['path']:10s} {r['mode']:6s} {r['batch']:5d} {r['cells_per_s']:10.2f} {r['x_reference']:10.1f} "
               f"{r['x_dense']:9.1f} {r['gflop_per_cell']:11.4f} {r['gflop_per_s']:8.2f} {r['peak_rss_mb']:8.0f}")
+    if args.rounds > 1:
+        print(f"(dense and sparse: median of {args.rounds} interleaved rounds; × dense is the median of the "
+              "within-round ratios)")
     print(f"\nSparse path, peaks per type swept (batch {args.batch_size}; cost per cell should follow "
           "open peaks, not P²)")
     print(f"{'P':>5s} {'open/cell':>9s} {'train c/s':>10s} {'infer c/s':>10s} {'µs/open peak (infer)':>21s} "
@@ -224,7 +250,7 @@ def report(results: list[dict], sweep: list[dict], gflops_limit: float, args: ar
     out = ROOT / "bench" / "results" / "throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "matmul_gflop_per_s": gflops_limit,
-                               "sparse_batch": args.batch_size, "quick": args.quick,
+                               "sparse_batch": args.batch_size, "quick": args.quick, "rounds": args.rounds,
                                "results": results, "sweep": sweep}, indent=2))
     print(f"\nwrote {out.relative_to(ROOT)}")
 
