@@ -160,7 +160,7 @@ def matmul_gflops() -> float:
 # -- the run --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", default="512,2048",
+    parser.add_argument("--batch-size", default="512,2048,4096",
                         help="sparse-path batch sizes, comma-separated (the sweep uses the first)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, one round, shorter sweep")
     parser.add_argument("--rounds", type=int, default=3,
@@ -177,7 +177,7 @@ def main() -> None:
     slow = dict(batch=4, warmup=0, steps=1 if args.quick else 2)
     # the first sparse steps grow the heap (fresh pages are slow to touch here): warm up past them
     fast = dict(batch=batch_sizes[0], warmup=4, steps=3 if args.quick else 7)
-    plans = [("dense", dict(slow, warmup=1, steps=2 if args.quick else 3))]
+    plans = [("dense", dict(slow, warmup=4, steps=2 if args.quick else 5))]  # the sparse path's warm-up
     plans += [("sparse", dict(fast, batch=b)) for b in batch_sizes]
     gflops_limit = matmul_gflops()
 
