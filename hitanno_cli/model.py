@@ -205,7 +205,8 @@ class Dropout(nn.Module):
         seed = int(torch.randint(0, 2**62, (1,)).item())
         n = x.numel()
         draws = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
-        return torch.from_numpy(draws < keep).view(x.shape).to(x.dtype).mul_(65536.0 / keep)
+        kept = (draws < keep).view(np.uint8)  # as bytes: torch converts uint8 to float ~2× faster than bool
+        return torch.from_numpy(kept).view(x.shape).to(x.dtype).mul_(65536.0 / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
