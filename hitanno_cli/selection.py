@@ -93,7 +93,7 @@ def rare_first_sets(
     taken = np.zeros(n_peaks, dtype=bool)
     sets = []
     for t in order:
-        ranking = np.lexsort((np.arange(n_peaks), -scores[t]))  # best first, ties by index
+        ranking = np.argsort(-scores[t], kind="stable")  # best first, ties by index
         free = ranking[~taken[ranking]]
         chosen = free[:peaks_per_type]
         if n_candidates and np.count_nonzero(~taken[ranking[:n_candidates]]) < peaks_per_type:
