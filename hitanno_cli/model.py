@@ -177,9 +177,9 @@ class Dropout(nn.Module):
     torch's CPU Bernoulli sampler took a tenth of a sparse-path training step; 16-bit
     slices of PCG64's raw 64-bit output cost ~5× less (and half of ``Generator.bytes``).
     The keep probability is quantised to 1/65536 and the scale is its exact inverse, so
-    the layer stays unbiased. Each call seeds
-    PCG64 from torch's generator: ``torch.manual_seed`` and resumed RNG state still
-    reproduce a run. Other devices use :func:`torch.nn.functional.dropout`.
+    the layer stays unbiased. Each call seeds PCG64 from torch's generator:
+    ``torch.manual_seed`` and resumed RNG state still reproduce a run. Other devices use
+    :func:`torch.nn.functional.dropout`.
     """
 
     def __init__(self, p: float) -> None:

@@ -366,6 +366,11 @@ def test_dropout_rate_scale_and_reproducibility() -> None:
     out = drop(y)
     out.sum().backward()
     assert torch.equal(y.grad, out.detach())  # gradient passes through the same mask and scale
+    residual = torch.randn(400, 500)
+    torch.manual_seed(4)
+    fused = drop.add_to(residual, x)  # residual + dropout(x) in one pass: the same mask
+    torch.manual_seed(4)
+    assert torch.allclose(fused, residual + drop(x))
 
 
 @pytest.mark.parametrize("n_types, peaks", [(4, 12), (3, 11_000)])  # int16 and int32 sort keys
