@@ -138,7 +138,7 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
             check_counts(chunk.data, h5.path, lo)
             rows = keep[lo : lo + chunk.shape[0]]
             cell_total[lo : lo + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
-            peak_total += np.asarray(chunk[rows].sum(axis=0)).ravel()
+            peak_total += np.asarray(_rows(chunk, rows).sum(axis=0)).ravel()
             if cached is not None:
                 cached_bytes += chunk.data.nbytes + chunk.indices.nbytes + chunk.indptr.nbytes
                 if cached_bytes <= CACHE_BYTES:
@@ -152,7 +152,7 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
         for lo, chunk in cached or h5.iter_chunks(chunk_rows=chunk_rows):
             chunk_codes = codes[lo : lo + chunk.shape[0]]
             rows = np.flatnonzero(chunk_codes >= 0)
-            values = tfidf(chunk[rows], cell_total[lo + rows], peak_total, n_cells)
+            values = tfidf(_rows(chunk, rows), cell_total[lo + rows], peak_total, n_cells)
             row_of = np.repeat(chunk_codes[rows], np.diff(values.indptr))
             flat = row_of * n_peaks + values.indices
             sums += np.bincount(flat, weights=values.data, minlength=sums.size)
@@ -160,6 +160,12 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
             bar.advance(chunk.shape[0])
     n_per_type = np.bincount(codes[keep], minlength=n_types)
     return ReferenceMoments(n_per_type, sums.reshape(n_types, n_peaks), sumsq.reshape(n_types, n_peaks))
+
+
+def _rows(chunk: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """``chunk[rows]`` (a boolean mask or ascending indices), without a copy when every row is kept."""
+    every = rows.all() if rows.dtype == bool else rows.size == chunk.shape[0]
+    return chunk if every else chunk[rows]
 
 
 def choose_types(
