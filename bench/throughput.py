@@ -181,13 +181,13 @@ def main() -> None:
     plans += [("sparse", dict(fast, batch=b)) for b in batch_sizes]
     gflops_limit = matmul_gflops()
 
-    def measured(path: str, mode: str, plan: dict) -> dict:
-        r = run_worker(dict(path=path, mode=mode, peaks=PEAKS, **plan))
-        flops = forward_flops_per_cell(path, PEAKS, r["batch"], r["open_per_cell"])
+    def measured(path: str, mode: str, plan: dict, peaks: int = PEAKS) -> dict:
+        r = run_worker(dict(path=path, mode=mode, peaks=peaks, **plan))
+        flops = forward_flops_per_cell(path, peaks, r["batch"], r["open_per_cell"])
         r["gflop_per_cell"] = flops * (3 if mode == "train" else 1) / 1e9
         r["gflop_per_s"] = r["gflop_per_cell"] * r["cells_per_s"]
-        print(f"  measured {path:9s} {mode:5s} batch {r['batch']:5d}: {r['cells_per_s']:10.2f} cells/s",
-              file=sys.stderr)
+        print(f"  measured {path:9s} {mode:5s} P={peaks:5d} batch {r['batch']:5d}: "
+              f"{r['cells_per_s']:10.2f} cells/s", file=sys.stderr)
         return r
 
     # the reference once (minutes); dense and sparse in interleaved rounds, so that a ratio is
@@ -197,14 +197,9 @@ def main() -> None:
               for _ in range(args.rounds)]
     results += [median_round([rnd[i] for rnd in rounds]) for i in range(len(rounds[0]))]
 
-    sweep = []
-    for peaks in ((64, 625, 2000) if args.quick else (64, 250, 625, 2000, 4000)):
-        for mode in ("train", "infer"):
-            r = run_worker(dict(path="sparse", mode=mode, peaks=peaks, **fast))
-            r["gflop_per_cell"] = forward_flops_per_cell("sparse", peaks, r["batch"], r["open_per_cell"]) * (
-                3 if mode == "train" else 1) / 1e9
-            sweep.append(r)
-            print(f"  sweep P={peaks:5d} {mode:5s}: {r['cells_per_s']:10.2f} cells/s", file=sys.stderr)
+    sweep = [measured("sparse", mode, fast, peaks)
+             for peaks in ((64, 625, 2000) if args.quick else (64, 250, 625, 2000, 4000))
+             for mode in ("train", "infer")]
 
     report(results, sweep, gflops_limit, args)
 

@@ -172,7 +172,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 # -- building blocks ----------------------------------------------------------------------
 class Dropout(nn.Module):
-    """Inverted dropout whose CPU mask comes from numpy's PCG64 random bytes.
+    """Inverted dropout whose CPU mask comes from numpy's PCG64 generator.
 
     torch's CPU Bernoulli sampler took a tenth of a sparse-path training step; 16-bit
     slices of PCG64's raw 64-bit output cost ~5× less (and half of ``Generator.bytes``).
