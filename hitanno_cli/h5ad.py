@@ -7,8 +7,12 @@ straight from HDF5. ``obs`` and ``var`` are small and are read whole.
 
 from __future__ import annotations
 
+import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import h5py
@@ -207,9 +211,63 @@ class H5ad:
         parts = self._csr_parts()
         indptr = parts["indptr"][lo : hi + 1].astype(np.int64)
         a, b = int(indptr[0]), int(indptr[-1])
-        data = parts["data"][a:b]
-        indices = parts["indices"][a:b]
+        data, indices = read_ranges([parts["data"], parts["indices"]], a, b)
         return sp.csr_matrix((data, indices, indptr - a), shape=(hi - lo, self.n_vars))
+
+
+# -- reading compressed datasets on two cores ---------------------------------------------
+#: Below this many entries a range is read by h5py directly (threads would not pay).
+PARALLEL_MIN_ENTRIES = 1 << 18
+
+
+def _deflate_only(dataset: h5py.Dataset) -> bool:
+    """Whether ``dataset`` is a chunked 1-D array whose only filter is deflate (gzip)."""
+    if dataset.ndim != 1 or dataset.chunks is None:
+        return False
+    plist = dataset.id.get_create_plist()
+    return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE
+
+
+@cache
+def _inflate_pool() -> ThreadPoolExecutor | None:
+    """Two threads for decompression, or None on a single core (zlib releases the GIL)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="hitanno-inflate") if cores > 1 else None
+
+
+def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray]:
+    """``[d[a:b] for d in datasets]``, inflating gzip chunks on two cores where that pays.
+
+    h5py decompresses under one lock; reading the raw chunks and inflating them with
+    zlib in two threads makes select-peaks' and encode's reads of Granja ~1.5× faster.
+    Anything but plain deflate-compressed 1-D chunks is read by h5py as usual.
+    """
+    pool = _inflate_pool()
+    if pool is None or b - a < PARALLEL_MIN_ENTRIES or not all(map(_deflate_only, datasets)):
+        return [d[a:b] for d in datasets]
+    outs, jobs = [], []
+    for d in datasets:
+        out = np.empty(b - a, dtype=d.dtype)
+        step = d.chunks[0]
+        for lo in range(a - a % step, b, step):
+            filter_mask, raw = d.id.read_direct_chunk((lo,))
+            if filter_mask:  # deflate was skipped for this chunk: let h5py handle the odd case
+                return [d[a:b] for d in datasets]
+            jobs.append((raw, out, lo, step))
+        outs.append(out)
+    half = sum(len(job[0]) for job in jobs) / 2
+    cut = int(np.searchsorted(np.cumsum([len(job[0]) for job in jobs]), half))
+    for future in [pool.submit(_inflate, jobs[:cut], a, b), pool.submit(_inflate, jobs[cut:], a, b)]:
+        future.result()
+    return outs
+
+
+def _inflate(jobs: list[tuple[bytes, np.ndarray, int, int]], a: int, b: int) -> None:
+    """Inflate each raw chunk (first entry ``lo``) into the part of ``out`` it covers."""
+    for raw, out, lo, step in jobs:
+        chunk = np.frombuffer(zlib.decompress(raw), dtype=out.dtype)
+        first, last = max(lo, a), min(lo + step, b)
+        out[first - a : last - a] = chunk[first - lo : last - lo]
 
 
 def check_counts(data: np.ndarray, source: str | Path, first_row: int) -> None:
