@@ -5,7 +5,8 @@ glibc hands large freed blocks back to the operating system and maps fresh pages
 the next step, and on virtual machines every first touch of a fresh page is costly:
 zero-filling gradients ran at ~0.5 GB/s. Keeping freed memory inside the process
 (what jemalloc or tcmalloc preloads achieve, and what PyTorch's CPU tuning guides
-advise) made CPU training about 30 % faster here (``bench/throughput.py``). The peak
+advise) made CPU training about 30 % faster here (``bench/throughput.py``), and
+select-peaks + encode of Granja ~10 % faster (their row chunks' temporaries). The peak
 resident memory stays the high-water mark of live tensors; memory freed after the
 peak is not returned to the system until the process exits.
 

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hitanno_cli import artifacts, console
+from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.errors import UserError
 from hitanno_cli.genome import peak_intervals
 from hitanno_cli.h5ad import H5ad, check_counts
@@ -213,6 +214,7 @@ def select_peaks(
     chunk_rows: int | None = None,
 ) -> Panel:
     """Build the peak panel of a labelled reference ``.h5ad`` (SPEC §1.2)."""
+    keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     with H5ad(reference, layer=layer) as h5:
         labels = h5.labels(label_key)
         types, sizes = choose_types(labels, min_cells, exclude_types, reference)

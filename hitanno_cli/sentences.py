@@ -30,6 +30,7 @@ from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from hitanno_cli import artifacts, console
+from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.errors import UserError
 from hitanno_cli.genome import overlap_pairs, peak_intervals
 from hitanno_cli.h5ad import H5ad, check_counts
@@ -227,6 +228,7 @@ def encode(
     """
     data, out = Path(data), Path(out)
     artifacts.refuse_existing(out, overwrite)
+    keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     panel = Panel.load(panel_path)
     with H5ad(data, layer=layer) as h5:
         names = h5.unique_var_names()
@@ -351,7 +353,7 @@ def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
             digests[k] = np.frombuffer(hashlib.sha256(packed.tobytes()).digest(), np.uint8)
             pending.append(packed)
             if sum(p.nbytes for p in pending) >= flush_bytes or row + packed.shape[0] == hi:
-                block = np.concatenate(pending)
+                block = pending[0] if len(pending) == 1 else np.concatenate(pending)
                 writer.write(start, block)
                 start += block.shape[0]
                 pending.clear()
