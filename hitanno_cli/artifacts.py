@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -92,11 +93,17 @@ def check_header(header: Any, fmt: str, source: str | Path) -> dict[str, Any]:
     return header
 
 
-def sha256_file(path: str | Path) -> str:
-    """Content hash of a file, read in blocks (never the whole file in memory)."""
+def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
+    """Content hash of a file, read in blocks (never the whole file in memory).
+
+    A hash running in a background thread stops at the next block once ``cancel`` is
+    set, and returns ``""``.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(_HASH_BLOCK):
+            if cancel is not None and cancel.is_set():
+                return ""
             digest.update(block)
     return "sha256:" + digest.hexdigest()
 

@@ -218,6 +218,7 @@ def select_peaks(
     with H5ad(reference, layer=layer) as h5:
         labels = h5.labels(label_key)
         types, sizes = choose_types(labels, min_cells, exclude_types, reference)
+        var = h5.var  # read whole once: its index gives the names, its columns the coordinates
         names = h5.unique_var_names()
         dropped = sum(1 for lab in labels if lab is None)
         if dropped:
@@ -236,7 +237,7 @@ def select_peaks(
         moments = reference_moments(h5, codes, len(types), chunk_rows)
         scores = welch_t(moments.sums, moments.sumsq, moments.n_per_type)
         order, chosen = rare_first_sets(scores, moments.n_per_type, peaks_per_type, n_candidates, types)
-        coords = peak_intervals(names, h5.var)
+        coords = peak_intervals(names, var)
         universe = artifacts.sha256_lines(names)
         inputs = {"reference": artifacts.sha256_file(reference)}
         n_vars = h5.n_vars

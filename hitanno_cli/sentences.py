@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -256,6 +257,20 @@ def _run_job(job: EncodeJob, h5: H5ad) -> Path | None:
     if n == 1 and staging.exists():
         shutil.rmtree(staging)
     group = _open_staging(job, h5)
+    # A single process hashes its input while it encodes (hashlib and file reads release
+    # the GIL); shards leave that to the one that assembles the store.
+    pool, cancel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hitanno-hash"), threading.Event()
+    try:
+        data_hash = pool.submit(artifacts.sha256_file, job.data, cancel) if n == 1 else None
+        return _encode_and_assemble(job, h5, group, data_hash)
+    finally:
+        cancel.set()  # after an error, do not wait for the rest of a large file to be hashed
+        pool.shutdown(wait=True)
+
+
+def _encode_and_assemble(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: Future[str] | None) -> Path | None:
+    i, n = job.shard
+    staging = job.staging
     try:
         _write_shard(job, h5, group)
         (staging / "shards").mkdir(exist_ok=True)
@@ -267,7 +282,7 @@ def _run_job(job: EncodeJob, h5: H5ad) -> Path | None:
             os.mkdir(staging / "finalizing")
         except FileExistsError:
             return None
-        _finalize(job, h5, group)
+        _finalize(job, h5, group, data_hash.result() if data_hash else artifacts.sha256_file(job.data))
         return job.out
     except BaseException as err:
         if n == 1:
@@ -399,7 +414,7 @@ class BackgroundWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
+def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: str) -> None:
     """Assemble the staging store: digests, ids, labels, header; rename into place."""
     staging = job.staging
     n_shards = job.shard[1]
@@ -415,7 +430,7 @@ def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
         group.create_array("labels", shape=labels.shape, chunks=(65536,), dtype=str)[:] = labels
         content.update(artifacts.sha256_lines(labels).encode())
         label_info = {"key": job.label_key, "missing": int((labels == "").sum())}
-    inputs = {"data": artifacts.sha256_file(job.data), "panel": job.panel.content_hash}
+    inputs = {"data": data_hash, "panel": job.panel.content_hash}
     group.attrs["hitanno"] = {
         "header": artifacts.make_header(artifacts.SENTENCES, job.params, inputs),
         "content_hash": "sha256:" + content.hexdigest(),

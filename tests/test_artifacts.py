@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from hitanno_cli import __version__, artifacts
@@ -63,6 +65,9 @@ def test_content_hashes_are_stable_and_sensitive(tmp_path) -> None:
     assert artifacts.sha256_file(f) == (
         "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+    cancelled = threading.Event()
+    cancelled.set()
+    assert artifacts.sha256_file(f, cancelled) == ""  # a background hash abandoned after an error
 
 
 def test_atomic_outputs_get_ordinary_permissions(tmp_path) -> None:

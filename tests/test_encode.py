@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from hitanno_cli import artifacts
 from hitanno_cli.errors import UserError
 from hitanno_cli.panel import Panel
 from hitanno_cli.sentences import SentenceStore, encode
@@ -46,6 +47,8 @@ def test_encode_matches_direct_computation_and_keeps_labels(small_pair, small_pa
     dense = store.read_dense(10, 30).reshape(20, -1)
     assert indptr[-1] == dense.sum() and set(positions[indptr[3] : indptr[4]]) == set(np.flatnonzero(dense[3]))
     assert store.meta["coverage"]["found"] == panel.size
+    # the input's hash, computed in a background thread while encoding, is the file's
+    assert store.meta["header"]["inputs"]["data"] == artifacts.sha256_file(query)
 
 
 def test_query_with_other_peak_names_is_matched_by_overlap(small_pair, small_panel, tmp_path) -> None:
