@@ -69,7 +69,7 @@ def h5ad_query(path: Path, loaded: LoadedModel, batch_size: int, label_key: str 
     if label_key is not None:
         raw = h5.labels(label_key)
         labels = np.array(["" if v is None else v for v in raw], dtype=object)
-    match = match_panel(panel, h5.unique_var_names(), h5.var)
+    match = match_panel(panel, h5.unique_var_names(), lambda: h5.var)
     console.info(f"predict: {match.found}/{match.n_panel} panel peaks found in {path.name} "
                  f"({match.by_name} by name, {match.by_overlap} by overlap)")
     if match.coverage < min_coverage:

@@ -18,13 +18,14 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import zarr
 from zarr.codecs import ZstdCodec
@@ -106,18 +107,20 @@ class PeakMatch:
         return cls(indptr, targets.astype(np.int64), n_panel, by_name, by_overlap)
 
 
-def match_panel(panel: Panel, names: np.ndarray, var: Any) -> PeakMatch:
-    """Match panel peaks to data columns: by name first, then by genomic overlap."""
-    panel_names = panel.flat_names()
-    column_of = {str(n): i for i, n in enumerate(names)}
-    by_name = np.array([column_of.get(str(n), -1) for n in panel_names], dtype=np.int64)
+def match_panel(panel: Panel, names: np.ndarray, var: Callable[[], Any]) -> PeakMatch:
+    """Match panel peaks to data columns: by name first, then by genomic overlap.
+
+    ``var`` returns the data's feature table; it is read only when some panel peak is
+    not found by name (reading it costs more than the name match).
+    """
+    by_name = pd.Index(names).get_indexer(pd.Index(panel.flat_names())).astype(np.int64)  # names are unique
     named = by_name >= 0
     columns, targets = [by_name[named]], [np.flatnonzero(named)]
     n_overlap = 0
     if not named.all():
         panel_iv = panel.flat_intervals()
         unmatched = np.flatnonzero(~named)
-        data_iv = peak_intervals(names, var)
+        data_iv = peak_intervals(names, var())
         sub = type(panel_iv)(panel_iv.chrom[unmatched], panel_iv.start[unmatched], panel_iv.end[unmatched])
         q, t = overlap_pairs(data_iv, sub)
         columns.append(q)
@@ -235,7 +238,7 @@ def encode(
         names = h5.unique_var_names()
         if label_key is not None:
             h5.labels(label_key)  # refuse a missing key before any work
-        match = match_panel(panel, names, h5.var)
+        match = match_panel(panel, names, lambda: h5.var)
         console.info(
             f"encode: {match.found}/{match.n_panel} panel peaks found in {data.name} "
             f"({match.by_name} by name, {match.by_overlap} by overlap; coverage {match.coverage:.3f})"
