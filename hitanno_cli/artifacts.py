@@ -34,6 +34,7 @@ UNASSIGNED = "Unassigned"
 ATTENTION = "hitanno.attention"
 EVALUATION = "hitanno.evaluation"
 RUN = "hitanno.run"
+ADAPTATION = "hitanno.adaptation"
 
 #: The (major, minor) version each format is written with. A reader accepts any
 #: minor version of its major (minor bumps only add fields) and refuses a newer major.
@@ -46,6 +47,7 @@ FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     ATTENTION: (1, 0),
     EVALUATION: (1, 0),
     RUN: (1, 0),
+    ADAPTATION: (1, 0),
 }
 
 _HASH_BLOCK = 1 << 22
@@ -135,7 +137,7 @@ def _umask() -> int:
     return mask
 
 
-def _ordinary_mode(path: Path, directory: bool) -> None:
+def ordinary_mode(path: Path, directory: bool) -> None:
     """Give a temporary file or folder the permissions a plain create would (mkstemp uses 0600)."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
@@ -166,7 +168,7 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> N
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        _ordinary_mode(Path(tmp), directory=False)
+        ordinary_mode(Path(tmp), directory=False)
         replace_path(Path(tmp), final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -205,7 +207,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     refuse_existing(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    _ordinary_mode(tmp, directory=True)
+    ordinary_mode(tmp, directory=True)
     try:
         yield tmp
         replace_path(tmp, final)

@@ -65,6 +65,7 @@ def save_model(directory: Path, model: torch.nn.Module, config: ModelConfig, cla
         "panel_hash": panel.content_hash,
     }
     save_file(plain_state(model), str(directory / WEIGHTS), metadata=metadata)
+    artifacts.ordinary_mode(directory / WEIGHTS, directory=False)  # safetensors writes it owner-only
     panel.save(directory / PANEL, overwrite=True)
 
 
@@ -151,6 +152,7 @@ def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict[s
     """Write ``resume/state.safetensors`` and ``resume/state.json`` atomically."""
     with artifacts.atomic_dir(directory / RESUME, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
+        artifacts.ordinary_mode(tmp / "state.safetensors", directory=False)
         artifacts.write_json(tmp / "state.json", state)
 
 

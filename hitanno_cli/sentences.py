@@ -422,29 +422,14 @@ def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: str) -> No
     staging = job.staging
     n_shards = job.shard[1]
     digests = np.concatenate([np.load(staging / "digests" / f"{i}.npy") for i in range(n_shards)])
-    group["bits_sha256"][:] = digests
-    ids = h5.obs_names()
-    group.create_array("cell_ids", shape=ids.shape, chunks=(65536,), dtype=str)[:] = ids
-    content = hashlib.sha256(digests.tobytes())
-    content.update(artifacts.sha256_lines(ids).encode())
-    label_info = None
+    labels = None
     if job.label_key is not None:
         labels = np.array(["" if v is None else v for v in h5.labels(job.label_key)], dtype=str)
-        group.create_array("labels", shape=labels.shape, chunks=(65536,), dtype=str)[:] = labels
-        content.update(artifacts.sha256_lines(labels).encode())
-        label_info = {"key": job.label_key, "missing": int((labels == "").sum())}
-    inputs = {"data": data_hash, "panel": job.panel.content_hash}
-    group.attrs["hitanno"] = {
-        "header": artifacts.make_header(artifacts.SENTENCES, job.params, inputs),
-        "content_hash": "sha256:" + content.hexdigest(),
-        "n_cells": h5.n_obs,
-        "cell_types": job.panel.cell_types,
-        "peaks_per_type": job.panel.peaks_per_type,
-        "panel_hash": job.panel.content_hash,
-        "coverage": {"found": job.match.found, "of": job.match.n_panel,
-                     "by_name": job.match.by_name, "by_overlap": job.match.by_overlap},
-        "labels": label_info,
-    }
+    header = artifacts.make_header(artifacts.SENTENCES, job.params, {"data": data_hash, "panel": job.panel.content_hash})
+    coverage = {"found": job.match.found, "of": job.match.n_panel,
+                "by_name": job.match.by_name, "by_overlap": job.match.by_overlap}
+    _write_cells_and_attrs(group, header, digests, h5.obs_names(), labels, job.label_key,
+                           job.panel.cell_types, job.panel.peaks_per_type, job.panel.content_hash, coverage)
     for name in ("plan.json", "shards", "digests", "finalizing", "failed"):
         path = staging / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -452,6 +437,81 @@ def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: str) -> No
         raise UserError(f"output {job.out} already exists", "pass --overwrite to replace it")
     artifacts.replace_path(staging, job.out)
     console.info(f"encode: wrote {h5.n_obs} cells to {job.out}")
+
+
+def _write_cells_and_attrs(group: zarr.Group, header: dict[str, Any], digests: np.ndarray, ids: np.ndarray,
+                           labels: np.ndarray | None, label_key: str | None, cell_types: list[str],
+                           peaks_per_type: int, panel_hash: str, coverage: dict[str, Any]) -> None:
+    """Write a store's chunk digests, cell ids and labels, and its attributes (content hash included)."""
+    group["bits_sha256"][:] = digests
+    group.create_array("cell_ids", shape=ids.shape, chunks=(65536,), dtype=str)[:] = ids
+    content = hashlib.sha256(digests.tobytes())
+    content.update(artifacts.sha256_lines(ids).encode())
+    label_info = None
+    if labels is not None:
+        group.create_array("labels", shape=labels.shape, chunks=(65536,), dtype=str)[:] = labels
+        content.update(artifacts.sha256_lines(labels).encode())
+        label_info = {"key": label_key, "missing": int((labels == "").sum())}
+    group.attrs["hitanno"] = {
+        "header": header,
+        "content_hash": "sha256:" + content.hexdigest(),
+        "n_cells": int(ids.shape[0]),
+        "cell_types": list(cell_types),
+        "peaks_per_type": int(peaks_per_type),
+        "panel_hash": panel_hash,
+        "coverage": coverage,
+        "labels": label_info,
+    }
+
+
+def write_store(out: str | Path, blocks: Iterator[np.ndarray], ids: np.ndarray, labels: np.ndarray,
+                like: SentenceStore, params: dict[str, Any], inputs: dict[str, str],
+                overwrite: bool = False) -> Path:
+    """Write a labelled store of packed rows through ``like``'s panel, atomically.
+
+    ``blocks`` yields packed rows ``[rows, n_bytes]`` in order (any sizes; regrouped into
+    the store's chunks), ``ids`` and ``labels`` one entry per row. Used for stores made from
+    other stores (self-training), never from an ``.h5ad``.
+    """
+    out = Path(out)
+    artifacts.refuse_existing(out, overwrite)
+    n_cells = int(ids.shape[0])
+    n_bytes = (len(like.cell_types) * like.peaks_per_type + 7) // 8
+    chunk = chunk_cells_for(n_bytes)
+    with artifacts.atomic_dir(out, overwrite=overwrite) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        bits = group.create_array("bits", shape=(n_cells, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
+                                  compressors=ZstdCodec(level=1), fill_value=0)
+        n_chunks = -(-n_cells // chunk)
+        group.create_array("bits_sha256", shape=(n_chunks, 32), chunks=(max(n_chunks, 1), 32), dtype="uint8",
+                           compressors=None, fill_value=0)
+        digests = np.zeros((n_chunks, 32), dtype=np.uint8)
+        written = 0
+        for k, part in enumerate(_regroup(blocks, chunk)):
+            digests[k] = np.frombuffer(hashlib.sha256(part.tobytes()).digest(), np.uint8)
+            bits[written : written + part.shape[0]] = part
+            written += part.shape[0]
+        if written != n_cells:
+            raise ValueError(f"write_store: {written} rows written for {n_cells} cell ids")
+        _write_cells_and_attrs(group, artifacts.make_header(artifacts.SENTENCES, params, inputs), digests, ids,
+                               labels, (like.meta.get("labels") or {}).get("key"), like.cell_types, like.peaks_per_type, like.panel_hash,
+                               dict(like.meta.get("coverage", {})))
+    return out
+
+
+def _regroup(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Rows of ``blocks`` in consecutive groups of ``size`` (the last may be shorter)."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for block in blocks:
+        pending.append(block)
+        held += block.shape[0]
+        while held >= size:
+            joined = np.concatenate(pending)
+            yield np.ascontiguousarray(joined[:size])
+            pending, held = [joined[size:]], held - size
+    if held:
+        yield np.concatenate(pending)
 
 
 # -- reading ----------------------------------------------------------------------------

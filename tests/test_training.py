@@ -95,6 +95,8 @@ def test_train_writes_a_self_describing_checkpoint(stores: dict, tmp_path: Path)
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors", "panel.json",
                                                      "train_config.json"]
+    # readable by the group like every other artifact (safetensors writes owner-only files)
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == (out / "panel.json").stat().st_mode & 0o044
     meta = read_metadata(out / "model.safetensors")
     header = json.loads(meta["header"])
     assert header["format"] == "hitanno.model" and header["params"]["class_weight"] == "balanced"

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from hitanno_cli import console
+from hitanno_cli.errors import UserError
 from hitanno_cli.commands.common import Overwrite, Quiet, command
 
 Device = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu or cuda:N.")]
@@ -65,6 +66,11 @@ def train_cmd(
                                                          "the cell's log open-peak count (beyond SPEC).")] = None,
     buffer_cells: Annotated[int, typer.Option(help="Cells held in memory by the shuffle buffer.")] = 200_000,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output.")] = False,
+    adapt_to: Annotated[Optional[Path], typer.Option("--adapt-to", help="Self-train on this query store (same "
+                                                     "panel): train, pseudo-label its most confident cells, train "
+                                                     "again on both. The model is then specific to that query.")] = None,
+    pseudo_label_fraction: Annotated[float, typer.Option(help="With --adapt-to: share of the query cells of each "
+                                                         "predicted type that are pseudo-labelled.")] = 0.3,
     device: Device = "auto",
     gpu: Gpu = None,
     overwrite: Overwrite = False,
@@ -87,6 +93,14 @@ def train_cmd(
     options = recipe_options(recipe, **{k: v for k, v in given.items() if v is not None}, seed=seed,
                              precision=precision, buffer_cells=buffer_cells,
                              model={k: v for k, v in model.items() if v is not None})
+    if adapt_to is not None:
+        from hitanno_cli.adaptation import self_train
+
+        if resume:
+            raise UserError("--resume cannot continue a self-training run (--adapt-to)", "run it again without --resume")
+        self_train(sentences, adapt_to, panel, output, options, pseudo_label_fraction, device=device, gpu=gpu,
+                   overwrite=overwrite)
+        return
     try:
         train(sentences, panel, output, options, device=device, gpu=gpu, resume=resume, overwrite=overwrite)
     except Interrupted as stop:
