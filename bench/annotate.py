@@ -7,7 +7,10 @@ as a user would (``select-peaks``, ``encode``, ``train``, ``predict --h5ad``, ea
 separate process, timed) once per seed; the baselines of ``bench/baselines.py`` run on
 the same split. Prints a table and writes ``bench/results/annotate.json``.
 
-    python bench/annotate.py [--settings cross-donor,intra] [--seeds 42,43] [-- TRAIN OPTIONS]
+    python bench/annotate.py [--settings cross-donor,intra] [--seeds 42,43] [--self-train] [-- TRAIN OPTIONS]
+
+``--self-train`` adds, per seed, hitanno self-trained on the query (``encode`` of the
+query, ``train --adapt-to``), reported as its own method beside the plain run.
 
 Everything after ``--`` is passed to ``hitanno train`` (e.g. ``-- --epochs 5 --lr 3e-4``).
 """
@@ -38,6 +41,10 @@ RARE = ["21_CD4.N2", "01_HSC", "06_CLP.1", "15_CLP.2", "19_CD8.N", "23_CD8.EM"]
 SETTINGS = ("cross-donor", "intra")
 
 
+#: The method name of runs self-trained on the query (``--self-train``).
+SELF_TRAINED = "hitanno + self-training"
+
+
 def split(adata: ad.AnnData, setting: str) -> tuple[ad.AnnData, ad.AnnData]:
     """The (reference, query) cells of a benchmark setting."""
     if setting == "cross-donor":
@@ -58,29 +65,41 @@ def hitanno(*args: str) -> float:
     return time.perf_counter() - started
 
 
-def run_hitanno(work: Path, seed: int, train_args: list[str], truth: np.ndarray) -> dict[str, Any]:
-    """select-peaks (once per setting), encode, train, predict; scores and stage times."""
+def run_hitanno(work: Path, seed: int, train_args: list[str], truth: np.ndarray,
+                self_train: bool = False) -> dict[str, Any]:
+    """select-peaks (once per setting), encode, train, predict; scores and stage times.
+
+    ``self_train``: the query is encoded too and ``train --adapt-to`` self-trains on it.
+    """
     times: dict[str, float] = {}
     panel, store = work / "panel.json", work / "ref.zarr"
     if not panel.exists():
         times["select-peaks"] = hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(panel))
         times["encode"] = hitanno("encode", str(work / "ref.h5ad"), "-p", str(panel), "-o", str(store),
                                   "-l", "cell_type")
-    model, pred = work / f"model_seed{seed}", work / f"pred_seed{seed}"
+    adapt: list[str] = []
+    if self_train:
+        query_store = work / "query.zarr"
+        if not query_store.exists():
+            times["encode query"] = hitanno("encode", str(work / "query.h5ad"), "-p", str(panel), "-o",
+                                            str(query_store))
+        adapt = ["--adapt-to", str(query_store)]
+    tag = f"{'adapt_' if self_train else ''}seed{seed}"
+    model, pred = work / f"model_{tag}", work / f"pred_{tag}"
     times["train"] = hitanno("train", "-s", str(store), "-p", str(panel), "-o", str(model), "--seed", str(seed),
-                             "--overwrite", *train_args)
+                             "--overwrite", *adapt, *train_args)
     times["predict"] = hitanno("predict", "-m", str(model), "--h5ad", str(work / "query.h5ad"), "-o", str(pred),
                                "--overwrite")
     predicted = pd.read_csv(pred / "predictions.csv")["predicted"].astype(str).to_numpy()
     metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     best = next(m for m in reversed(metrics) if m["best"])
-    return {"method": "hitanno", "seed": seed, **scores(truth, predicted, RARE),
+    return {"method": SELF_TRAINED if self_train else "hitanno", "seed": seed, **scores(truth, predicted, RARE),
             "wall_s": round(sum(times.values()), 2), "stage_s": {k: round(v, 2) for k, v in times.items()},
             "epochs_run": len(metrics), "best_epoch": best["epoch"], "best_val_accuracy": best.get("val_accuracy")}
 
 
 def run_setting(adata: ad.AnnData, setting: str, seeds: list[int], train_args: list[str],
-                work_root: Path) -> dict[str, Any]:
+                work_root: Path, self_train: bool = False) -> dict[str, Any]:
     """Baselines and hitanno (every seed) on one setting's split."""
     work = work_root / setting
     shutil.rmtree(work, ignore_errors=True)
@@ -94,14 +113,20 @@ def run_setting(adata: ad.AnnData, setting: str, seeds: list[int], train_args: l
     for seed in seeds:
         print(f"[{setting}] hitanno seed {seed} ...", file=sys.stderr)
         results.append(run_hitanno(work, seed, train_args, truth))
+        if self_train:
+            print(f"[{setting}] hitanno seed {seed}, self-trained on the query ...", file=sys.stderr)
+            results.append(run_hitanno(work, seed, train_args, truth, self_train=True))
+    summary = {"hitanno": summarise(results, "hitanno")}
+    if self_train:
+        summary[SELF_TRAINED] = summarise(results, SELF_TRAINED)
     return {"setting": setting, "n_reference": ref.n_obs, "n_query": query.n_obs, "results": results,
-            "summary": summarise(results)}
+            "summary": summary}
 
 
-def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """hitanno's median over seeds and its ratio to the strongest baseline per metric."""
-    ours = [r for r in results if r["method"] == "hitanno"]
-    base = [r for r in results if r["method"] != "hitanno"]
+def summarise(results: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """``method``'s median over seeds and its ratio to the strongest baseline per metric."""
+    ours = [r for r in results if r["method"] == method]
+    base = [r for r in results if not r["method"].startswith("hitanno")]
     out: dict[str, Any] = {}
     for key in ("accuracy", "macro_f1", "kappa"):
         median = float(np.median([r[key] for r in ours]))
@@ -122,9 +147,10 @@ def print_table(report: dict[str, Any]) -> None:
             rare = " ".join(f"{r['rare_f1'][t]:9.3f}" for t in RARE)
             print(f"{r['method']:32} {str(r.get('seed', '-')):>4} {r['accuracy']:6.3f} {r['macro_f1']:7.3f} "
                   f"{r['kappa']:6.3f} {rare} {r['wall_s']:8.1f}")
-        for key, s in block["summary"].items():
-            print(f"  {key}: hitanno median {s['hitanno_median']:.3f} / {s['best_baseline']} "
-                  f"{s['best_baseline_value']:.3f} = ratio {s['ratio']:.3f}")
+        for method, summary in block["summary"].items():
+            for key, s in summary.items():
+                print(f"  {key}: {method} median {s['hitanno_median']:.3f} / {s['best_baseline']} "
+                      f"{s['best_baseline_value']:.3f} = ratio {s['ratio']:.3f}")
 
 
 def main() -> None:
@@ -137,6 +163,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="Granja .h5ad")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "annotate", help="work directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "annotate.json")
+    parser.add_argument("--self-train", action="store_true",
+                        help="also run each seed self-trained on the query (train --adapt-to)")
     args = parser.parse_args(own)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
@@ -147,7 +175,7 @@ def main() -> None:
     started = time.perf_counter()
     report = {"data": str(args.data), "seeds": seeds, "train_args": train_args, "device_env":
               os.environ.get("CUDA_VISIBLE_DEVICES", "cpu/auto"), "threads": os.cpu_count(),
-              "settings": [run_setting(adata, s, seeds, train_args, args.work) for s in settings]}
+              "settings": [run_setting(adata, s, seeds, train_args, args.work, args.self_train) for s in settings]}
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
