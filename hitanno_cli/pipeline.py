@@ -49,6 +49,7 @@ class RunSettings:
     device: str = "auto"
     gpu: int | None = None
     train: Any = None  # training.TrainOptions
+    pseudo_label_fraction: float | None = None  # self-train on the query (train --adapt-to) when set
 
 
 def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSettings) -> list[Stage]:
@@ -58,7 +59,7 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
     from hitanno_cli.prediction import predict
     from hitanno_cli.selection import select_peaks
     from hitanno_cli.sentences import encode
-    from hitanno_cli.training import TrainOptions, train
+    from hitanno_cli.training import TrainOptions
 
     with H5ad(query) as h5:
         query_labelled = label_key in h5.obs_columns()
@@ -79,8 +80,7 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
         Stage("encode-query", query_zarr, {"label_key": query_key, "min_coverage": settings.min_coverage},
               ["select-peaks"], files=[query],
               make=lambda: encode(query, panel, query_zarr, query_key, settings.min_coverage, overwrite=True)),
-        Stage("train", model, {"options": asdict(options)}, ["encode-reference"],
-              make=lambda: train(ref_zarr, panel, model, options, overwrite=True, **device)),
+        train_stage(ref_zarr, query_zarr, panel, model, options, settings.pseudo_label_fraction, device),
         Stage("predict", predictions, {"min_confidence": settings.min_confidence}, ["train", "encode-query"],
               make=lambda: predict(model, predictions, sentences=query_zarr,
                                    min_confidence=settings.min_confidence, overwrite=True, **device)),
@@ -92,6 +92,21 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
     else:
         console.info(f"run: the query has no '{label_key}' column; evaluate is skipped")
     return stages
+
+
+def train_stage(ref_zarr: Path, query_zarr: Path, panel: Path, model: Path, options: Any,
+                fraction: float | None, device: dict[str, Any]) -> Stage:
+    """The train stage: on the reference, or self-trained on the query as well."""
+    from hitanno_cli.adaptation import self_train
+    from hitanno_cli.training import train
+
+    if fraction is None:
+        return Stage("train", model, {"options": asdict(options)}, ["encode-reference"],
+                     make=lambda: train(ref_zarr, panel, model, options, overwrite=True, **device))
+    return Stage("train", model, {"options": asdict(options), "pseudo_label_fraction": fraction},
+                 ["encode-reference", "encode-query"],
+                 make=lambda: self_train(ref_zarr, query_zarr, panel, model, options, fraction, overwrite=True,
+                                         **device))
 
 
 def fingerprints(stages: list[Stage]) -> dict[str, str]:

@@ -47,6 +47,11 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
     assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--from", "encode-query").exit_code == 0
     assert [n for n, s in _stages(out).items() if s == "ran"] == ["encode-query", "train", "predict", "evaluate"]
 
+    # self-training on the query retrains (now downstream of the query's store too) and predicts anew
+    assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--self-train").exit_code == 0
+    assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "evaluate"]
+    assert (out / "model" / "adaptation.json").is_file()
+
     bad = run_cli(*base, "--from", "nonsense")
     assert bad.exit_code == 2 and "is not a stage" in bad.stderr
     bad = run_cli(*base, "--train-option", "wings=2")

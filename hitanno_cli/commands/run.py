@@ -61,6 +61,11 @@ def run_cmd(
     train_option: Annotated[
         Optional[list[str]], typer.Option(help="Any other hitanno train option as KEY=VALUE (repeatable).")
     ] = None,
+    self_train: Annotated[bool, typer.Option("--self-train/--no-self-train", help="Self-train on the query "
+                                             "(hitanno train --adapt-to): pseudo-label its most confident cells "
+                                             "and train again on both.")] = False,
+    pseudo_label_fraction: Annotated[float, typer.Option(help="With --self-train: share of each predicted "
+                                                         "type's query cells that are pseudo-labelled.")] = 0.3,
     min_confidence: Annotated[float, typer.Option(help="Unassigned below this probability.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
     gpu: Annotated[Optional[int], typer.Option(help="Shorthand for --device cuda:N.")] = None,
@@ -71,7 +76,8 @@ def run_cmd(
                              "class_weight": class_weight, "seed": seed}, train_option or [], recipe)
     settings = RunSettings(peaks_per_type=peaks_per_type, min_cells=min_cells,
                            exclude_types=split_list(exclude_types), min_coverage=min_coverage,
-                           min_confidence=min_confidence, device=device, gpu=gpu, train=options)
+                           min_confidence=min_confidence, device=device, gpu=gpu, train=options,
+                           pseudo_label_fraction=pseudo_label_fraction if self_train else None)
     manifest = run(ref, query, label_key, output, settings, from_stage)
     ran = [name for name, s in manifest["stages"].items() if s["status"] == "ran"]
     console.info(f"run: ran {', '.join(ran) or 'nothing (all up to date)'}; manifest → {output / 'run.json'}")
