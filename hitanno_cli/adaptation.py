@@ -83,7 +83,8 @@ def self_train(sentences: str | Path, query: str | Path, panel_path: str | Path,
     reference, target = SentenceStore(sentences), SentenceStore(query)
     target.check_panel(reference.panel_hash)
     chosen_device = resolve_device(device, gpu)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapt-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapt-", dir=out.parent))  # beside out: renamed into place
     try:
         console.info("train: round 1 of 2, on the reference")
         train(reference.path, panel_path, work / "round1", options, device=device, gpu=gpu)
