@@ -33,6 +33,17 @@ def small_panel(small_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPath
     return out
 
 
+@pytest.fixture(scope="session")
+def stores(small_pair: tuple[Path, Path], small_panel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Labelled reference and query stores encoded through the small panel (never modified by tests)."""
+    root = tmp_path_factory.mktemp("stores")
+    out = {"panel": small_panel, "ref": root / "ref.zarr", "query": root / "query.zarr"}
+    for key, data in (("ref", small_pair[0]), ("query", small_pair[1])):
+        result = run_cli("encode", str(data), "-p", str(small_panel), "-o", str(out[key]), "-l", "cell_type", "-q")
+        assert result.exit_code == 0, result.stderr
+    return out
+
+
 def run_cli(*args: str):
     """Invoke the ``hitanno`` app in-process; returns click's Result (stdout, stderr apart)."""
     return CliRunner().invoke(app, list(args))

@@ -17,16 +17,6 @@ TINY_CLI = ["--embed-dim", "16", "--heads", "2", "--ff", "16", "--head-hidden", 
             "--device", "cpu", "-q"]
 
 
-@pytest.fixture(scope="module")
-def stores(small_pair: tuple[Path, Path], small_panel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("adapt")
-    out = {"panel": small_panel, "ref": root / "ref.zarr", "query": root / "query.zarr"}
-    for key, data in (("ref", small_pair[0]), ("query", small_pair[1])):
-        result = run_cli("encode", str(data), "-p", str(small_panel), "-o", str(out[key]), "-l", "cell_type", "-q")
-        assert result.exit_code == 0, result.stderr
-    return out
-
-
 def test_confident_rows_takes_the_top_share_of_each_predicted_class() -> None:
     predicted = np.array([0, 0, 0, 0, 1, 1, 2, 0])
     confidence = np.array([0.9, 0.2, 0.8, 0.5, 0.3, 0.7, 0.1, 0.95])

@@ -26,17 +26,6 @@ TINY = {"embed_dim": 16, "level1_heads": 2, "level1_ff": 16, "level2_heads": 2, 
 TINY_CLI = ["--embed-dim", "16", "--heads", "2", "--ff", "16", "--head-hidden", "8", "--device", "cpu", "-q"]
 
 
-@pytest.fixture(scope="module")
-def stores(small_pair: tuple[Path, Path], small_panel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Labelled reference and query stores encoded through the small panel."""
-    root = tmp_path_factory.mktemp("stores")
-    out = {"panel": small_panel, "ref": root / "ref.zarr", "query": root / "query.zarr"}
-    for key, data in (("ref", small_pair[0]), ("query", small_pair[1])):
-        result = run_cli("encode", str(data), "-p", str(small_panel), "-o", str(out[key]), "-l", "cell_type", "-q")
-        assert result.exit_code == 0, result.stderr
-    return out
-
-
 # -- batching and schedule ------------------------------------------------------------------
 def test_open_rows_take_and_concat_gather_the_right_rows() -> None:
     rows = OpenRows(np.array([0, 2, 2, 5]), np.array([1, 4, 0, 3, 9]))
