@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +81,9 @@ def self_train(sentences: str | Path, query: str | Path, panel_path: str | Path,
     artifacts.refuse_existing(out, overwrite)
     reference, target = SentenceStore(sentences), SentenceStore(query)
     target.check_panel(reference.panel_hash)
+    ref_labels = reference.labels()
+    if ref_labels is None:
+        raise UserError(f"{reference.path} was encoded without labels", "re-encode the reference with --label-key")
     chosen_device = resolve_device(device, gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapt-", dir=out.parent))  # beside out: renamed into place
@@ -93,19 +95,19 @@ def self_train(sentences: str | Path, query: str | Path, panel_path: str | Path,
         labels = np.array(names, dtype=object)[predicted[rows]]
         console.info(f"train: {rows.size} of {target.n_cells} query cells pseudo-labelled "
                      f"(the {fraction:.0%} most confident per predicted type)")
-        ref_labels = reference.labels()
-        if ref_labels is None:
-            raise UserError(f"{reference.path} was encoded without labels", "re-encode the reference with --label-key")
         ids = np.concatenate([reference.cell_ids(), target.cell_ids()[rows]]).astype(str)
         all_labels = np.concatenate([ref_labels, labels]).astype(str)
-        params = {"pseudo_label_fraction": fraction, "round1_seed": options.seed}
+        params = {"pseudo_label_fraction": fraction}
         inputs = {"reference": reference.content_hash, "query": target.content_hash}
         combined = write_store(work / "combined.zarr", _packed_rows(reference, target, rows), ids, all_labels,
                                reference, params, inputs)
         console.info("train: round 2 of 2, on the reference and the pseudo-labelled query cells")
         train(combined, panel_path, work / "round2", options, device=device, gpu=gpu)
-        record = _record(reference, target, fraction, rows, labels, names)
-        artifacts.write_json(work / "round2" / ADAPTATION, record)
+        counts = {name: int((labels == name).sum()) for name in names}
+        artifacts.write_json(work / "round2" / ADAPTATION, {
+            "header": artifacts.make_header(artifacts.ADAPTATION, params, inputs),
+            "query": str(target.path.resolve()), "pseudo_labelled": int(rows.size), "of": target.n_cells,
+            "per_type": counts})
         if out.exists():
             artifacts.refuse_existing(out, overwrite)
         artifacts.replace_path(work / "round2", out)
@@ -116,13 +118,3 @@ def self_train(sentences: str | Path, query: str | Path, panel_path: str | Path,
     console.info(f"train: self-trained on {query} → {out}")
     return out
 
-
-def _record(reference: SentenceStore, query: SentenceStore, fraction: float, rows: np.ndarray,
-            labels: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """What ``adaptation.json`` says: the inputs and how many query cells each type took."""
-    counts = {name: int((labels == name).sum()) for name in names}
-    params = {"pseudo_label_fraction": fraction}
-    inputs = {"reference": reference.content_hash, "query": query.content_hash}
-    return {"header": artifacts.make_header(artifacts.ADAPTATION, params, inputs),
-            "query": str(query.path.resolve()), "pseudo_labelled": int(rows.size), "of": query.n_cells,
-            "per_type": counts}

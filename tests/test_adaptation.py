@@ -68,3 +68,13 @@ def test_bad_self_training_options_are_one_line_exit_2(stores: dict, tmp_path: P
                      "--adapt-to", str(stores["query"]), *extra, *TINY_CLI)
     assert result.exit_code == 2 and message in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_unlabelled_reference_is_refused_before_training(stores: dict, small_pair: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    unlabelled = tmp_path / "unlabelled.zarr"
+    assert run_cli("encode", str(small_pair[0]), "-p", str(stores["panel"]), "-o", str(unlabelled), "-q").exit_code == 0
+    result = run_cli("train", "-s", str(unlabelled), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"),
+                     "--adapt-to", str(stores["query"]), *TINY_CLI)
+    assert result.exit_code == 2 and "without labels" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unlabelled.zarr"]  # no model, no work folder
