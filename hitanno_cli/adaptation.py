@@ -22,7 +22,7 @@ import torch
 
 from hitanno_cli import artifacts, console
 from hitanno_cli.batches import sequential_batches
-from hitanno_cli.checkpoint import load_model
+from hitanno_cli.checkpoint import ADAPTATION, load_model
 from hitanno_cli.errors import UserError
 from hitanno_cli.prediction import run_model
 from hitanno_cli.sentences import SentenceStore, write_store
@@ -31,8 +31,6 @@ from hitanno_cli.training import Interrupted, TrainOptions, resolve_device, trai
 #: Share of the query, per predicted type, that round 2 trains on (measured: 0.3 beat 0.5,
 #: 0.7 and 1.0 cross-donor; 1.0 only re-learns round 1's own answers).
 DEFAULT_FRACTION = 0.3
-#: Where self-training notes what it did, in the model directory.
-ADAPTATION = "adaptation.json"
 
 
 def confident_rows(predicted: np.ndarray, confidence: np.ndarray, fraction: float) -> np.ndarray:

@@ -34,6 +34,8 @@ PANEL = "panel.json"
 METRICS = "metrics.jsonl"
 TRAIN_CONFIG = "train_config.json"
 RESUME = "resume"
+#: Written by a self-trained model (train --adapt-to): the query it adapted to.
+ADAPTATION = "adaptation.json"
 
 
 @dataclass

@@ -16,6 +16,7 @@ Both zarr stores hold ``cell_ids`` and a format header in their attributes.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import zarr
 from hitanno_cli import artifacts, console
 from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.batches import Batch, OpenRows, open_from_packed, sequential_batches
-from hitanno_cli.checkpoint import LoadedModel, load_model
+from hitanno_cli.checkpoint import ADAPTATION, LoadedModel, load_model
 from hitanno_cli.errors import UserError
 from hitanno_cli.h5ad import H5ad, check_counts
 from hitanno_cli.sentences import SentenceStore, chunk_cells_for, match_panel, pack_states
@@ -154,11 +155,27 @@ def predict(model_dir: str | Path, out: str | Path, sentences: str | Path | None
         query = store_query(Path(sentences), loaded, batch_size)
     else:
         query = h5ad_query(Path(h5ad), loaded, batch_size, label_key, min_coverage, layer)
+    note_adaptation(Path(model_dir), query)
     with artifacts.atomic_dir(out, overwrite) as tmp:
         counts = write_predictions(tmp, loaded, query, chosen, min_confidence)
     assigned = query.n_cells - counts[UNASSIGNED]
     console.info(f"predict: {query.n_cells} cells annotated ({assigned} assigned) → {out}")
     return out
+
+
+def note_adaptation(model_dir: Path, query: Query) -> None:
+    """Say so when a model self-trained on one query (train --adapt-to) annotates another."""
+    record_file = model_dir / ADAPTATION
+    if not record_file.is_file():
+        return
+    record = json.loads(record_file.read_text())
+    if record["header"]["inputs"].get("query") == query.content_hash:
+        return
+    message = f"predict: {model_dir} was self-trained on the query {record['query']}"
+    if query.source.suffix == ".h5ad":  # an .h5ad's hash is its file's: the store's cannot be compared
+        console.info(message + "; it is specific to that query")
+    else:
+        console.warn(message + ", not on this one: its predictions here are a model adapted to other cells")
 
 
 def write_predictions(tmp: Path, loaded: LoadedModel, query: Query, device: torch.device,

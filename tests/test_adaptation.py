@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hitanno_cli.adaptation import ADAPTATION, _packed_rows, confident_rows
-from hitanno_cli.checkpoint import read_metadata
+from hitanno_cli.adaptation import _packed_rows, confident_rows
+from hitanno_cli.checkpoint import ADAPTATION, read_metadata
 from hitanno_cli.sentences import SentenceStore, write_store
 from conftest import run_cli
 
@@ -56,6 +56,9 @@ def test_train_adapt_to_writes_a_self_trained_model(stores: dict, tmp_path: Path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work folder left behind
     predicted = run_cli("predict", "-m", str(out), "-s", str(stores["query"]), "-o", str(tmp_path / "pred"), "-q")
     assert predicted.exit_code == 0, predicted.stderr
+    assert "self-trained" not in predicted.stderr  # the query it adapted to
+    elsewhere = run_cli("predict", "-m", str(out), "-s", str(stores["ref"]), "-o", str(tmp_path / "pred2"), "-q")
+    assert elsewhere.exit_code == 0 and "was self-trained on the query" in elsewhere.stderr
 
 
 @pytest.mark.parametrize("extra,message", [
