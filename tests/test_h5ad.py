@@ -40,3 +40,13 @@ def test_other_layouts_fall_back_to_h5py(tmp_path, monkeypatch, filters: dict) -
         got = h5ad.read_ranges([f["ints"], f["floats"]], 100, 40_000)
         np.testing.assert_array_equal(got[0], f["ints"][100:40_000])
         np.testing.assert_array_equal(got[1], f["floats"][100:40_000])
+
+
+def test_a_chunk_never_written_falls_back_to_h5py(tmp_path, monkeypatch) -> None:
+    """A chunk HDF5 never allocated (it reads as the fill value) has no raw bytes to inflate."""
+    monkeypatch.setattr(h5ad, "PARALLEL_MIN_ENTRIES", 1)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        d = f.create_dataset("x", shape=(10_000,), dtype="i4", chunks=(1_000,), compression="gzip", fillvalue=7)
+        d[:3_000] = np.arange(3_000)
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        np.testing.assert_array_equal(h5ad.read_ranges([f["x"]], 500, 9_000)[0], f["x"][500:9_000])

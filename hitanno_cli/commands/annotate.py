@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from hitanno_cli import console
-from hitanno_cli.errors import UserError
 from hitanno_cli.commands.common import Overwrite, Quiet, command
+from hitanno_cli.errors import UserError
 
 Device = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu or cuda:N.")]
 Gpu = Annotated[Optional[int], typer.Option("--gpu", help="Shorthand for --device cuda:N.")]
