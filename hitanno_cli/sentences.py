@@ -272,6 +272,7 @@ def _run_job(job: EncodeJob, h5: H5ad) -> Path | None:
 
 
 def _encode_and_assemble(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: Future[str] | None) -> Path | None:
+    """Encode this shard's cells; the last shard to finish assembles the store (and returns it)."""
     i, n = job.shard
     staging = job.staging
     try:
