@@ -17,7 +17,7 @@ from hitanno_cli.sentences import SentenceStore
 from hitanno_cli.training import (RECIPES, TrainOptions, drop_open_peaks, lsi_peak_embeddings, parameter_groups,
                                   recipe_options, reference_tfidf)
 from conftest import run_cli
-from test_training import TINY_CLI, stores  # noqa: F401 (the fixture)
+from test_training import TINY_CLI
 
 
 def test_default_recipe_is_pinned() -> None:
