@@ -51,6 +51,8 @@ def test_train_adapt_to_writes_a_self_trained_model(stores: dict, tmp_path: Path
     assert record["header"]["inputs"]["query"] == query.content_hash
     assert record["of"] == query.n_cells and sum(record["per_type"].values()) == record["pseudo_labelled"]
     assert query.n_cells / 2 <= record["pseudo_labelled"] <= query.n_cells / 2 + len(record["per_type"])
+    inspected = run_cli("inspect", str(out))
+    assert json.loads(inspected.stdout)["adaptation"]["pseudo_labelled"] == record["pseudo_labelled"]
     params = json.loads(read_metadata(out / "model.safetensors")["header"])["params"]
     assert params["n_train"] == SentenceStore(stores["ref"]).n_cells + record["pseudo_labelled"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work folder left behind

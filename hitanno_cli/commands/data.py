@@ -59,7 +59,11 @@ def read_header(path: Path) -> dict[str, Any]:
 
         with safe_open(str(weights), framework="numpy") as handle:
             meta = dict(handle.metadata() or {})
-        return {key: _maybe_json(value) for key, value in meta.items()}
+        header = {key: _maybe_json(value) for key, value in meta.items()}
+        adaptation = weights.parent / "adaptation.json"  # a model self-trained on a query (train --adapt-to)
+        if adaptation.is_file():
+            header["adaptation"] = artifacts.read_json(adaptation, "adaptation record")
+        return header
     obj = artifacts.read_json(path, "artifact")
     if not isinstance(obj, dict) or "header" not in obj:
         raise UserError(f"{path} is not a hitanno artifact", "pass a panel, sentence store or model")
