@@ -38,7 +38,7 @@ def confident_rows(predicted: np.ndarray, confidence: np.ndarray, fraction: floa
     keep = []
     for c in np.unique(predicted):
         rows = np.flatnonzero(predicted == c)
-        k = max(1, math.ceil(fraction * rows.size))
+        k = max(1, math.ceil(round(fraction * rows.size, 6)))  # round: 0.3 · 10 is 3.0000000000000004
         keep.append(rows[np.argsort(-confidence[rows], kind="stable")[:k]])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 

@@ -23,6 +23,8 @@ def test_confident_rows_takes_the_top_share_of_each_predicted_class() -> None:
     # class 0 (5 cells) keeps ceil(0.5·5) = 3: rows 7, 0, 2; class 1 keeps 1: row 5; class 2 keeps its only cell
     assert confident_rows(predicted, confidence, 0.5).tolist() == [0, 2, 5, 6, 7]
     assert confident_rows(predicted, confidence, 1.0).tolist() == list(range(8))
+    # 0.3 of 10 cells is 3 (not the 4 that 0.3 · 10 = 3.0000000000000004 would round up to)
+    assert confident_rows(np.zeros(10, np.int64), np.arange(10.0), 0.3).tolist() == [7, 8, 9]
 
 
 def test_write_store_copies_the_chosen_rows_with_their_labels(stores: dict, tmp_path: Path) -> None:
