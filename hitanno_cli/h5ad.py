@@ -228,11 +228,15 @@ def _deflate_only(dataset: h5py.Dataset) -> bool:
     return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @cache
 def _inflate_pool() -> ThreadPoolExecutor | None:
     """Two threads for decompression, or None on a single core (zlib releases the GIL)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="hitanno-inflate") if cores > 1 else None
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="hitanno-inflate") if usable_cores() > 1 else None
 
 
 def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray]:
@@ -251,15 +255,15 @@ def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray
         step = d.chunks[0]
         for lo in range(a - a % step, b, step):
             try:
-                filter_mask, raw = d.id.read_direct_chunk((lo,))
+                skipped_filters, raw = d.id.read_direct_chunk((lo,))
             except (OSError, RuntimeError, KeyError, ValueError):  # e.g. a chunk never written (fill value)
-                return [d[a:b] for d in datasets]
-            if filter_mask:  # deflate was skipped for this chunk: let h5py handle the odd case
+                skipped_filters = 1
+            if skipped_filters:  # an odd chunk: let h5py read the whole range
                 return [d[a:b] for d in datasets]
             jobs.append((raw, out, lo, step))
         outs.append(out)
-    half = sum(len(job[0]) for job in jobs) / 2
-    cut = int(np.searchsorted(np.cumsum([len(job[0]) for job in jobs]), half))
+    sizes = np.cumsum([len(job[0]) for job in jobs])
+    cut = int(np.searchsorted(sizes, sizes[-1] / 2))  # two halves of about equal compressed size
     for future in [pool.submit(_inflate, jobs[:cut], a, b), pool.submit(_inflate, jobs[cut:], a, b)]:
         future.result()
     return outs

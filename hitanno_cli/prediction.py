@@ -16,7 +16,6 @@ Both zarr stores hold ``cell_ids`` and a format header in their attributes.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +167,7 @@ def note_adaptation(model_dir: Path, query: Query) -> None:
     record_file = model_dir / ADAPTATION
     if not record_file.is_file():
         return
-    record = json.loads(record_file.read_text())
+    record = artifacts.read_json(record_file, "adaptation record")
     if record["header"]["inputs"].get("query") == query.content_hash:
         return
     message = f"predict: {model_dir} was self-trained on the query {record['query']}"

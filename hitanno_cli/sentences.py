@@ -35,7 +35,7 @@ from hitanno_cli import artifacts, console
 from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.errors import UserError
 from hitanno_cli.genome import overlap_pairs, peak_intervals
-from hitanno_cli.h5ad import H5ad, check_counts
+from hitanno_cli.h5ad import H5ad, check_counts, usable_cores
 from hitanno_cli.panel import Panel
 
 #: Target raw bytes per zarr chunk of packed states.
@@ -52,8 +52,7 @@ def write_bytes() -> int:
     chunk's reading and packing (Granja encode ~10 % faster, 10 of 12 paired runs); on
     one core nothing overlaps and larger writes cost fewer round trips.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores > 1 else WRITE_BYTES
+    return 0 if usable_cores() > 1 else WRITE_BYTES
 
 
 # -- matching the data's peaks to the panel ---------------------------------------------
