@@ -15,11 +15,10 @@ from hitanno_cli.model import (
     HeadwiseProjection,
     HitAnno,
     ModelConfig,
-    OpenSetSum,
+    OpenSetContext,
     flash_unavailable_reason,
-    open_set_matrix,
+    open_sets,
     sdpa_attention,
-    transposed_open_set_matrix,
 )
 
 T, P = 4, 12
@@ -374,21 +373,32 @@ def test_dropout_rate_scale_and_reproducibility() -> None:
 
 
 @pytest.mark.parametrize("n_types, peaks", [(4, 12), (3, 11_000)])  # int16 and int32 sort keys
-def test_open_set_sum_backward_is_the_transposed_product(n_types: int, peaks: int) -> None:
+def test_open_set_context_equals_the_dense_computation_and_its_gradients(n_types: int, peaks: int) -> None:
     gen = torch.Generator().manual_seed(0)
-    n_positions = n_types * peaks
+    n_positions, heads, d = n_types * peaks, 2, 3
     states = torch.rand(6, n_positions, generator=gen) < min(0.3, 40 / n_positions)
     states[2] = False  # a cell with nothing open
     indptr, positions = to_csr(states)
-    matrix, rows, entries = open_set_matrix(indptr, positions, n_types, peaks)
-    dense = matrix.to_dense()
-    assert torch.equal(transposed_open_set_matrix(rows, entries, *matrix.shape, torch.float32).to_dense(), dense.T)
-    table = torch.randn(n_positions, 5, generator=gen, requires_grad=True)
-    sums = OpenSetSum.apply(matrix, rows, entries, table)
-    grad = torch.randn(sums.shape, generator=gen)
-    (got,) = torch.autograd.grad(sums, table, grad)
-    assert torch.allclose(sums, dense @ table, atol=1e-5)
-    assert torch.allclose(got, dense.T @ grad, atol=1e-5)
+    sets = open_sets(indptr, positions, n_types, peaks)
+    dense = sets.to_dense(torch.float64)
+    assert torch.equal(dense, states.double().repeat_interleave(n_types, 0)
+                       * torch.eye(n_types, dtype=torch.float64).repeat_interleave(peaks, 1).repeat(6, 1))
+    table = torch.randn(6 * n_types, 5, generator=gen, dtype=torch.float64)
+    assert torch.allclose(sets.transposed_sum(table), dense.T @ table)
+    width = 2 * heads + heads * d  # Z | N | the cancellation measure (no gradient)
+    deltas = (torch.rand(n_positions, width, generator=gen, dtype=torch.float64) * 0.1).requires_grad_()
+    closed = (torch.rand(n_types, width, generator=gen, dtype=torch.float64) + 1.0).requires_grad_()
+    flag_row_4 = lambda z, _: torch.arange(z.shape[0]) == 4  # noqa: E731 (one flagged row: Z held constant)
+    context, ill = OpenSetContext.apply(sets, deltas, closed, heads, flag_row_4)
+    sums = dense @ deltas + closed.repeat(6, 1)
+    z = torch.where(ill.unsqueeze(-1), torch.ones(()), sums[:, :heads])
+    expected = sums[:, heads:-heads].reshape(-1, heads, d) / z.unsqueeze(-1)
+    assert ill.tolist() == [r == 4 for r in range(6 * n_types)] and torch.allclose(context, expected)
+    grad = torch.randn(context.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(context, (deltas, closed), grad)
+    want = torch.autograd.grad(expected, (deltas, closed), grad)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-10)
 
 
 def test_headwise_projection_equals_einsum_values_and_gradients() -> None:
@@ -405,3 +415,25 @@ def test_headwise_projection_equals_einsum_values_and_gradients() -> None:
         out = HeadwiseProjection.apply(x, weight)
     grads = torch.autograd.grad(out.float().square().sum(), (x, weight))
     assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_query_token_equals_the_full_layer_output_and_gradients(dtype: torch.dtype) -> None:
+    """Level 2's fused CPU kernel (one CLS shared by every cell) is the layer's token-0 output."""
+    torch.manual_seed(0)
+    layer = EncoderLayer(32, 4, 16, dropout=0.0).to(dtype)
+    cls = torch.randn(32, dtype=dtype, requires_grad=True)
+    others = torch.randn(6, 9, 32, dtype=dtype, requires_grad=True)
+    full, _ = layer(torch.cat([cls.expand(6, 1, 32), others], dim=1), sdpa_attention, first_only=True)
+    got = layer.shared_query_token(cls, others)
+    assert got.shape == (6, 1, 32) and rel_err(got, full) <= 1e-5
+    inputs = [cls, others, *layer.parameters()]
+    weights = torch.randn(full.shape, dtype=dtype)  # a loss that weighs every output differently
+    expected = torch.autograd.grad((full * weights).sum(), inputs, allow_unused=True)
+    grads = torch.autograd.grad((got * weights).sum(), inputs, allow_unused=True)
+    scale = max(float(g.abs().max()) for g in expected if g is not None)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    for a, b in zip(grads, expected):  # the key bias's is 0 in exact arithmetic: an absolute floor
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert float((a - b).abs().max()) <= tolerance * scale
