@@ -644,14 +644,14 @@ class HitAnno(nn.Module):
         panel = self.cached_panel_terms()
         t, p = self.config.n_types, self.config.peaks_per_type
         b = indptr.numel() - 1
-        sets = open_sets(indptr, positions, t, p)
+        indicator = open_sets(indptr, positions, t, p)
         h = panel.z_closed.shape[-1]
         with torch.autocast(device_type=positions.device.type, enabled=False):
-            # one sparse × dense product over the batch's open peaks for Z, N and the closed
-            # mass they remove (which measures the cancellation)
-            context, ill = OpenSetContext.apply(sets, panel.deltas, panel.closed, h, self.ill_conditioned_rows)
+            # one sum over the batch's open peaks for Z, N and the closed mass they remove
+            # (which measures the cancellation)
+            context, ill = OpenSetContext.apply(indicator, panel.deltas, panel.closed, h, self.ill_conditioned_rows)
             if bool(ill.any()):
-                context = self.exact_rows(panel, context, ill, sets.rows, sets.positions)
+                context = self.exact_rows(panel, context, ill, indicator.rows, indicator.positions)
         sets = panel.set_tokens.expand(b, t, -1)
         summaries = self.level1[0].finish(sets, context.reshape(b, t, -1).to(sets.dtype))
         attn = self.sparse_attention_map(panel, indptr, positions) if need_weights else None
