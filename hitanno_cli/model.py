@@ -269,7 +269,7 @@ class SharedQueryAttention(torch.autograd.Function):
     def forward(ctx, summaries: torch.Tensor, cls_logit: torch.Tensor, cls_value: torch.Tensor,
                 folded: torch.Tensor, bias: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
         n, s, dim = summaries.shape
-        h, d = cls_value.shape
+        h = cls_value.shape[0]
         logits = torch.addmm(bias, summaries.reshape(n * s, dim), folded.T).view(n, s, h)
         p = torch.cat([cls_logit.expand(n, 1, h), logits], dim=1).transpose(1, 2).softmax(dim=-1)  # [N, H, S+1]
         mixed = torch.bmm(p[:, :, 1:], summaries)  # [N, H, D]
@@ -281,7 +281,7 @@ class SharedQueryAttention(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         summaries, cls_value, folded, w_v, p, mixed = ctx.saved_tensors
         n, s, dim = summaries.shape
-        h, d = cls_value.shape
+        h = cls_value.shape[0]
         grad = grad.contiguous()
         p_cls, p_sum = p[:, :, 0], p[:, :, 1:]
         grad_w_v = torch.empty_like(w_v)
@@ -366,7 +366,6 @@ class EncoderLayer(nn.Module):
         mixed = torch.bmm(scores, x)  # [N, H, D]: attention-weighted inputs per head
         context = HeadwiseProjection.apply(mixed, self.value.weight.view(h, d, dim)) + self.value.bias.view(h, d)
         return self.finish(first, context.reshape(n, 1, dim))
-
 
     def shared_query_token(self, cls: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
         """Token 0's output ``[N, 1, D]`` for ``[cls, others[n]]`` with one ``cls [D]`` shared by
