@@ -232,12 +232,17 @@ class HeadwiseProjection(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.bmm(grad.transpose(0, 1), weight.to(grad.dtype)).transpose(0, 1).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                x = x.to(grad.dtype)
-                grad_weight = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
-                for head in range(weight.shape[0]):
-                    torch.mm(grad[:, head].T, x[:, head], out=grad_weight[head])
-                grad_weight = grad_weight.to(weight.dtype)
+                grad_weight = _per_head_gram(grad, x.to(grad.dtype)).to(weight.dtype)
         return grad_x, grad_weight
+
+
+def _per_head_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[h] = a[:, h]ᵀ @ b[:, h]`` ``[H, K, M]`` for ``a [N, H, K]``, ``b [N, H, M]``: one
+    GEMM per head on strided views (a per-head weight's gradient), with no head-major copy."""
+    out = torch.empty(a.shape[1], a.shape[2], b.shape[2], dtype=a.dtype, device=a.device)
+    for head in range(a.shape[1]):
+        torch.mm(a[:, head].T, b[:, head], out=out[head])
+    return out
 
 
 def _per_head_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -284,9 +289,7 @@ class SharedQueryAttention(torch.autograd.Function):
         h = cls_value.shape[0]
         grad = grad.contiguous()
         p_cls, p_sum = p[:, :, 0], p[:, :, 1:]
-        grad_w_v = torch.empty_like(w_v)
-        for head in range(h):  # [d, N] × [N, D] per head
-            torch.mm(grad[:, head].T, mixed[:, head], out=grad_w_v[head])
+        grad_w_v = _per_head_gram(grad, mixed)
         grad_cls_value = (grad * p_cls.unsqueeze(-1)).sum(dim=0)  # [H, d]
         grad_mixed = torch.bmm(grad.transpose(0, 1), w_v).transpose(0, 1)  # [N, H, D], head-major
         grad_p = torch.cat([(grad * cls_value).sum(dim=-1, keepdim=True),
@@ -341,6 +344,18 @@ class EncoderLayer(nn.Module):
         weights = attention_weights(q, k) if need_weights else None
         return self.finish(queries, context), weights
 
+    def folded_query(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For query tokens ``[N, …, D]``: ``W_kᵀ q / √d`` per head ``[N, H, D]`` and ``b_k·q / √d``
+        ``[N, H]``, so that a token ``x``'s attention logit is ``x · folded + bias`` (no keys formed)."""
+        dim = tokens.shape[-1]
+        h = self.heads
+        d = dim // h
+        scale = 1.0 / math.sqrt(d)
+        q = self.query(tokens).view(-1, h, d)
+        folded = torch.einsum("nhd,hde->nhe", q, self.key.weight.view(h, d, dim)) * scale
+        bias = (q * self.key.bias.view(h, d)).sum(-1) * scale
+        return folded, bias
+
     def first_token(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """Token 0's output ``[N, 1, D]`` of ``x [N, S, D]``, without forming keys or values.
 
@@ -350,15 +365,13 @@ class EncoderLayer(nn.Module):
         ``first`` is ``x[:, :1]`` when the caller has it unsliced (slicing ``x`` costs a
         zero-filled gradient of ``x``'s size).
         """
-        n, s, dim = x.shape
+        n, _, dim = x.shape
         h = self.heads
         d = dim // h
-        scale = 1.0 / math.sqrt(d)
         first = x[:, :1] if first is None else first
         shared = n > 1 and first.stride(0) == 0  # one token broadcast to every sequence (level 2's CLS)
-        q = self.query(first[:1] if shared else first).view(-1, h, d)
-        folded = torch.einsum("nhd,hde->nhe", q, self.key.weight.view(h, d, dim)) * scale
-        bias = (q * self.key.bias.view(h, d)).sum(-1, keepdim=True) * scale  # [N or 1, H, 1]
+        folded, bias = self.folded_query(first[:1] if shared else first)
+        bias = bias.unsqueeze(-1)  # [N or 1, H, 1]
         if shared:  # one query for all: the scores are a single GEMM, not N small ones
             scores = (x @ folded[0].T + bias[0, :, 0]).transpose(1, 2).softmax(dim=-1)  # [N, H, S]
         else:
@@ -373,10 +386,7 @@ class EncoderLayer(nn.Module):
         n, _, dim = others.shape
         h = self.heads
         d = dim // h
-        scale = 1.0 / math.sqrt(d)
-        q = self.query(cls).view(h, d)
-        folded = torch.einsum("hd,hde->he", q, self.key.weight.view(h, d, dim)) * scale
-        bias = (q * self.key.bias.view(h, d)).sum(-1) * scale
+        folded, bias = (term[0] for term in self.folded_query(cls.unsqueeze(0)))
         w_v = self.value.weight.view(h, d, dim)
         context = SharedQueryAttention.apply(others, folded @ cls + bias, w_v @ cls, folded, bias, w_v)
         context = context + self.value.bias.view(h, d)
@@ -467,12 +477,6 @@ class OpenSets:
         starts = torch.zeros(self.n_positions, dtype=torch.long, device=self.positions.device)
         starts[1:] = torch.bincount(self.positions, minlength=self.n_positions)[:-1].cumsum(0)
         return F.embedding_bag(self.rows[order], table, starts, mode="sum")
-
-    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``S`` as a dense matrix (for tests and small batches)."""
-        dense = torch.zeros(self.n_rows, self.n_positions, dtype=dtype, device=self.positions.device)
-        dense[self.rows, self.positions] = 1
-        return dense
 
 
 def open_sets(indptr: torch.Tensor, positions: torch.Tensor, n_types: int, peaks_per_type: int) -> OpenSets:

@@ -330,25 +330,28 @@ def _open_staging(job: EncodeJob, h5: H5ad) -> zarr.Group:
             f"another shard of this encode failed ({(staging / 'failed').read_text().strip()})",
             f"fix the input, remove {staging} and rerun every shard",
         )
-    n_bytes = (job.panel.size + 7) // 8
-    chunk = chunk_cells_for(n_bytes)
-    n_chunks = -(-h5.n_obs // chunk)
     try:
         group = zarr.open_group(staging, mode="a", zarr_format=3)
     except ContainsGroupError:  # another shard created it between our check and our write
         group = zarr.open_group(staging, mode="r+", zarr_format=3)
-    specs = {
-        "bits": dict(shape=(h5.n_obs, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
-                     compressors=ZstdCodec(level=1), fill_value=0),
-        "bits_sha256": dict(shape=(n_chunks, 32), chunks=(max(n_chunks, 1), 32), dtype="uint8",
-                            compressors=None, fill_value=0),
-    }
-    for name, spec in specs.items():
+    for name, spec in _bits_specs(h5.n_obs, (job.panel.size + 7) // 8).items():
         try:
             group.create_array(name, **spec)
         except ContainsArrayError:
             pass
     return group
+
+
+def _bits_specs(n_cells: int, n_bytes: int) -> dict[str, dict[str, Any]]:
+    """The packed-state arrays of a store: ``bits`` chunked by cells, and one digest per chunk."""
+    chunk = chunk_cells_for(n_bytes)
+    n_chunks = -(-n_cells // chunk)
+    return {
+        "bits": dict(shape=(n_cells, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
+                     compressors=ZstdCodec(level=1), fill_value=0),
+        "bits_sha256": dict(shape=(n_chunks, 32), chunks=(max(n_chunks, 1), 32), dtype="uint8",
+                            compressors=None, fill_value=0),
+    }
 
 
 def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
@@ -476,26 +479,23 @@ def write_store(out: str | Path, blocks: Iterator[np.ndarray], ids: np.ndarray, 
     out = Path(out)
     artifacts.refuse_existing(out, overwrite)
     n_cells = int(ids.shape[0])
-    n_bytes = (len(like.cell_types) * like.peaks_per_type + 7) // 8
-    chunk = chunk_cells_for(n_bytes)
+    specs = _bits_specs(n_cells, (len(like.cell_types) * like.peaks_per_type + 7) // 8)
     with artifacts.atomic_dir(out, overwrite=overwrite) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        bits = group.create_array("bits", shape=(n_cells, n_bytes), chunks=(chunk, n_bytes), dtype="uint8",
-                                  compressors=ZstdCodec(level=1), fill_value=0)
-        n_chunks = -(-n_cells // chunk)
-        group.create_array("bits_sha256", shape=(n_chunks, 32), chunks=(max(n_chunks, 1), 32), dtype="uint8",
-                           compressors=None, fill_value=0)
-        digests = np.zeros((n_chunks, 32), dtype=np.uint8)
+        bits = group.create_array("bits", **specs["bits"])
+        group.create_array("bits_sha256", **specs["bits_sha256"])
+        digests = np.zeros((specs["bits_sha256"]["shape"][0], 32), dtype=np.uint8)
         written = 0
-        for k, part in enumerate(_regroup(blocks, chunk)):
+        for k, part in enumerate(_regroup(blocks, bits.chunks[0])):
             digests[k] = np.frombuffer(hashlib.sha256(part.tobytes()).digest(), np.uint8)
             bits[written : written + part.shape[0]] = part
             written += part.shape[0]
         if written != n_cells:
             raise ValueError(f"write_store: {written} rows written for {n_cells} cell ids")
-        _write_cells_and_attrs(group, artifacts.make_header(artifacts.SENTENCES, params, inputs), digests, ids,
-                               labels, (like.meta.get("labels") or {}).get("key"), like.cell_types, like.peaks_per_type, like.panel_hash,
-                               dict(like.meta.get("coverage", {})))
+        header = artifacts.make_header(artifacts.SENTENCES, params, inputs)
+        label_key = (like.meta.get("labels") or {}).get("key")
+        _write_cells_and_attrs(group, header, digests, ids, labels, label_key, like.cell_types,
+                               like.peaks_per_type, like.panel_hash, dict(like.meta.get("coverage", {})))
     return out
 
 
