@@ -8,7 +8,6 @@ straight from HDF5. ``obs`` and ``var`` are small and are read whole.
 from __future__ import annotations
 
 import os
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,11 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 
 from hitanno_cli.errors import UserError
+
+try:  # Intel ISA-L inflates the same deflate streams ~2× faster than zlib
+    from isal.isal_zlib import decompress as inflate
+except ImportError:  # a platform without an isal wheel: the standard library's zlib
+    from zlib import decompress as inflate
 
 #: Rows per chunk are chosen so a chunk holds about this many stored entries.
 TARGET_CHUNK_NNZ = 8_000_000
@@ -235,7 +239,7 @@ def usable_cores() -> int:
 
 @cache
 def _inflate_pool() -> ThreadPoolExecutor | None:
-    """Two threads for decompression, or None on a single core (zlib releases the GIL)."""
+    """Two threads for decompression, or None on a single core (ISA-L and zlib release the GIL)."""
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="hitanno-inflate") if usable_cores() > 1 else None
 
 
@@ -243,7 +247,8 @@ def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray
     """``[d[a:b] for d in datasets]``, inflating gzip chunks on two cores where that pays.
 
     h5py decompresses under one lock; reading the raw chunks and inflating them with
-    zlib in two threads makes select-peaks' and encode's reads of Granja ~1.5× faster.
+    ISA-L (or zlib) in two threads makes select-peaks' and encode's reads of Granja
+    ~1.5× faster (zlib) and ISA-L's inflate another ~1.5–2×.
     Anything but plain deflate-compressed 1-D chunks is read by h5py as usual.
     """
     pool = _inflate_pool()
@@ -272,7 +277,7 @@ def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray
 def _inflate(jobs: list[tuple[bytes, np.ndarray, int, int]], a: int, b: int) -> None:
     """Inflate each raw chunk (first entry ``lo``) into the part of ``out`` it covers."""
     for raw, out, lo, step in jobs:
-        chunk = np.frombuffer(zlib.decompress(raw), dtype=out.dtype)
+        chunk = np.frombuffer(inflate(raw), dtype=out.dtype)
         first, last = max(lo, a), min(lo + step, b)
         out[first - a : last - a] = chunk[first - lo : last - lo]
 
