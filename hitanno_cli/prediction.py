@@ -111,7 +111,7 @@ class RowWriter:
         group = zarr.open_group(path, mode="w", zarr_format=3)
         group.attrs["hitanno"] = attrs
         ids = np.asarray(cell_ids, dtype=str)
-        group.create_array("cell_ids", shape=ids.shape, chunks=(65536,), dtype=str)[:] = ids
+        artifacts.write_strings(group, "cell_ids", ids)
         self.chunk_rows = max(1, min(shape[0], chunk_rows))
         self.array = group.create_array(name, shape=shape, chunks=(self.chunk_rows, shape[1]), dtype="float32",
                                         config={"write_empty_chunks": True})  # skip zarr's slow all-fill check

@@ -447,12 +447,12 @@ def _write_cells_and_attrs(group: zarr.Group, header: dict[str, Any], digests: n
                            peaks_per_type: int, panel_hash: str, coverage: dict[str, Any]) -> None:
     """Write a store's chunk digests, cell ids and labels, and its attributes (content hash included)."""
     group["bits_sha256"][:] = digests
-    group.create_array("cell_ids", shape=ids.shape, chunks=(65536,), dtype=str)[:] = ids
+    artifacts.write_strings(group, "cell_ids", ids)
     content = hashlib.sha256(digests.tobytes())
     content.update(artifacts.sha256_lines(ids).encode())
     label_info = None
     if labels is not None:
-        group.create_array("labels", shape=labels.shape, chunks=(65536,), dtype=str)[:] = labels
+        artifacts.write_strings(group, "labels", labels)
         content.update(artifacts.sha256_lines(labels).encode())
         label_info = {"key": label_key, "missing": int((labels == "").sum())}
     group.attrs["hitanno"] = {

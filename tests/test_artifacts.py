@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from hitanno_cli import __version__, artifacts
@@ -91,3 +92,16 @@ def test_sha256_lines_hashes_one_string_per_line() -> None:
     expected = hashlib.sha256("".join(f"{x}\n" for x in items).encode()).hexdigest()
     assert artifacts.sha256_lines(items) == "sha256:" + expected
     assert artifacts.sha256_lines([]) == "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("n", [0, 5, artifacts.STRING_CHUNK + 3])
+def test_write_strings_round_trips_in_chunks_no_longer_than_the_array(tmp_path, n: int) -> None:
+    """A short string array is one chunk of its own length; a long one uses full chunks."""
+    import zarr
+
+    values = np.array([f"cell-{i}-é" for i in range(n)], dtype=str)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    artifacts.write_strings(group, "ids", values)
+    array = zarr.open_group(tmp_path / "s.zarr", mode="r")["ids"]
+    assert array.chunks == (max(1, min(n, artifacts.STRING_CHUNK)),)
+    assert array[:].tolist() == values.tolist()
