@@ -112,10 +112,19 @@ def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def canonical_json(obj: Any) -> str:
+    """The canonical JSON text of ``obj`` (sorted keys, no spaces): what content hashes cover."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_text(text: str) -> str:
+    """Content hash of a text (UTF-8)."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def sha256_json(obj: Any) -> str:
     """Content hash of a JSON-serialisable object in canonical form."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return sha256_text(canonical_json(obj))
 
 
 def sha256_lines(items: Sequence[Any]) -> str:
@@ -197,15 +206,28 @@ def write_json(path: str | Path, obj: Any, overwrite: bool = False, pretty: bool
     atomic_write_text(path, text + "\n", overwrite)
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Read a JSON artifact, turning a missing or garbled file into a UserError."""
+def read_text(path: str | Path, what: str) -> str:
+    """Read a text artifact, turning a missing or undecodable file into a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist", f"pass the path of an existing {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
         raise UserError(f"{what} {path} is not valid JSON ({err})", "re-create it") from None
+
+
+def parse_json(text: str, path: str | Path, what: str) -> Any:
+    """Parse a JSON artifact's text, turning garbled JSON into a UserError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err})", "re-create it") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Read a JSON artifact, turning a missing or garbled file into a UserError."""
+    return parse_json(read_text(path, what), path, what)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ every read, so an edited or corrupted panel is refused.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,32 +106,30 @@ class Panel:
         }
 
     @functools.cached_property
+    def body_text(self) -> str:
+        """The canonical JSON text of :meth:`body`: what the content hash covers."""
+        return artifacts.canonical_json(self.body())
+
+    @functools.cached_property
     def content_hash(self) -> str:
-        return artifacts.sha256_json(self.body())
+        return artifacts.sha256_text(self.body_text)
 
     def to_json(self) -> dict[str, Any]:
         return {"header": self.header, "content_hash": self.content_hash, "panel": self.body()}
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the panel atomically."""
-        artifacts.write_json(path, self.to_json(), overwrite=overwrite, pretty=False)
+        """Write the panel atomically, its content last and in the very text its hash covers.
+
+        A reader can then check the hash on the file's own bytes instead of serialising
+        the parsed content again (:meth:`load`).
+        """
+        head = json.dumps({"header": self.header, "content_hash": self.content_hash}, ensure_ascii=False)
+        artifacts.atomic_write_text(path, head[:-1] + _BODY_KEY + self.body_text + "}\n", overwrite)
 
     @classmethod
     def from_json(cls, obj: Any, source: str | Path = "panel") -> Panel:
         """Rebuild and verify a panel from its JSON form."""
-        if not isinstance(obj, dict):
-            raise UserError(f"{source} is not a hitanno panel", "pass a panel.json from select-peaks")
-        header = artifacts.check_header(obj.get("header"), artifacts.PANEL, source)
-        try:
-            body = obj["panel"]
-            panel = cls(
-                [PeakSet.from_json(s) for s in body["cell_types"]],
-                body["reference_peak_universe"],
-                int(body["n_reference_peaks"]),
-                header,
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{source} is a damaged panel (missing {err})", "re-create it") from None
+        panel = cls._build(obj, source)
         if panel.content_hash != obj.get("content_hash"):
             raise UserError(
                 f"{source} is corrupted or was edited: its content does not match its hash",
@@ -139,6 +138,57 @@ class Panel:
         return panel
 
     @classmethod
+    def _build(cls, obj: Any, source: str | Path) -> Panel:
+        """The panel of a parsed file (``{"header", "content_hash", "panel"}``), hash unchecked."""
+        if not isinstance(obj, dict):
+            raise UserError(f"{source} is not a hitanno panel", "pass a panel.json from select-peaks")
+        header = artifacts.check_header(obj.get("header"), artifacts.PANEL, source)
+        try:
+            body = obj["panel"]
+            return cls(
+                [PeakSet.from_json(s) for s in body["cell_types"]],
+                body["reference_peak_universe"],
+                int(body["n_reference_peaks"]),
+                header,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{source} is a damaged panel (missing {err})", "re-create it") from None
+
+    @classmethod
     def load(cls, path: str | Path) -> Panel:
-        """Read and verify a panel file."""
-        return cls.from_json(artifacts.read_json(path, "panel"), path)
+        """Read and verify a panel file.
+
+        A file laid out by :meth:`save` is verified by hashing its content's text as it
+        stands; any other layout (hand-formatted, older versions) by the canonical form
+        of what was parsed.
+        """
+        text = artifacts.read_text(path, "panel")
+        parts = _saved_parts(text)
+        if parts is not None:
+            head_text, body_text = parts
+            head = _try_json(head_text)
+            if isinstance(head, dict) and head.get("content_hash") == artifacts.sha256_text(body_text):
+                panel = cls._build({**head, "panel": artifacts.parse_json(body_text, path, "panel")}, path)
+                panel.__dict__.update(body_text=body_text, content_hash=head["content_hash"])
+                return panel
+        return cls.from_json(artifacts.parse_json(text, path, "panel"), path)
+
+
+#: What precedes the content in a file written by :meth:`Panel.save`.
+_BODY_KEY = ',"panel":'
+
+
+def _saved_parts(text: str) -> tuple[str, str] | None:
+    """``(header and hash, content)`` texts of a file laid out by :meth:`Panel.save`, else None."""
+    cut, end = text.rfind(_BODY_KEY), len(text.rstrip()) - 1
+    if cut < 0 or end <= cut or text[end] != "}":
+        return None
+    return text[:cut] + "}", text[cut + len(_BODY_KEY) : end]
+
+
+def _try_json(text: str) -> Any:
+    """Parsed ``text``, or None if it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
