@@ -134,26 +134,23 @@ def match_panel(panel: Panel, names: np.ndarray, var: Callable[[], Any]) -> Peak
 def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.ndarray:
     """Bit-packed sentences ``[rows, n_bytes]`` of a chunk of raw counts.
 
-    When every column lights at most one panel peak (the usual case) the panel's
-    columns are sliced out in scipy's C code (or, when every column lights one, simply
-    renumbered); otherwise the counts are multiplied by the column → panel map.
-    Explicitly stored zeros count as closed.
+    When every column lights at most one panel peak (the usual case) each entry's
+    column is looked up block by block while packing (after slicing away, in scipy's C
+    code, the columns no panel peak uses); otherwise the counts are multiplied by the
+    column → panel map. Explicitly stored zeros count as closed.
     """
     counts = counts.tocsr()
+    if counts.nnz and counts.data.min() <= 0:  # explicitly stored zeros: drop them (in a copy)
+        counts = sp.csr_matrix((counts.data > 0, counts.indices, counts.indptr), shape=counts.shape, copy=True)
+        counts.eliminate_zeros()
     if match.lookup is not None and match.maps_every_column:  # e.g. a panel of every peak
-        sub, targets = counts, match.lookup[counts.indices]
-    elif match.lookup is not None:
+        return _pack_rows(counts.indptr, counts.indices, n_bytes, match.lookup)
+    if match.lookup is not None:
         columns = np.flatnonzero(match.lookup >= 0)
         sub = counts[:, columns]
-        targets = match.lookup[columns][sub.indices]
-    else:
-        sub = counts @ match.matrix
-        targets = sub.indices
-    if sub.nnz and sub.data.min() <= 0:  # explicitly stored zeros: drop them
-        sub = sp.csr_matrix((sub.data > 0, targets, sub.indptr), shape=(sub.shape[0], n_bytes * 8))
-        sub.eliminate_zeros()
-        targets = sub.indices
-    return _pack_rows(sub.indptr, targets, n_bytes)
+        return _pack_rows(sub.indptr, sub.indices, n_bytes, match.lookup[columns])
+    sub = counts @ match.matrix
+    return _pack_rows(sub.indptr, sub.indices, n_bytes)
 
 
 #: Size of the 0/1 scratch row block: small enough to stay in cache and be reused
@@ -161,8 +158,12 @@ def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.nda
 _SCRATCH_BITS = 1 << 21
 
 
-def _pack_rows(indptr: np.ndarray, targets: np.ndarray, n_bytes: int) -> np.ndarray:
-    """Set bit ``targets[k]`` of row ``r`` for each entry ``k`` of row ``r`` (CSR layout)."""
+def _pack_rows(indptr: np.ndarray, columns: np.ndarray, n_bytes: int, lookup: np.ndarray | None = None) -> np.ndarray:
+    """Set bit ``lookup[columns[k]]`` (or ``columns[k]``) of row ``r`` for each entry ``k`` of row ``r``.
+
+    Rows are packed a scratch block at a time, and the lookup is done per block too, so
+    that every temporary stays in cache and is reused instead of page-faulted in afresh.
+    """
     n_rows, n_bits = indptr.size - 1, n_bytes * 8
     out = np.empty((n_rows, n_bytes), dtype=np.uint8)
     block = max(1, _SCRATCH_BITS // max(n_bits, 1))
@@ -170,7 +171,8 @@ def _pack_rows(indptr: np.ndarray, targets: np.ndarray, n_bytes: int) -> np.ndar
     for lo in range(0, n_rows, block):
         hi = min(lo + block, n_rows)
         a, b = int(indptr[lo]), int(indptr[hi])
-        flat = np.repeat(np.arange(hi - lo, dtype=np.int64) * n_bits, np.diff(indptr[lo : hi + 1])) + targets[a:b]
+        targets = columns[a:b] if lookup is None else lookup[columns[a:b]]
+        flat = np.repeat(np.arange(hi - lo, dtype=np.int64) * n_bits, np.diff(indptr[lo : hi + 1])) + targets
         scratch[flat] = True
         out[lo:hi] = np.packbits(scratch[: (hi - lo) * n_bits].reshape(hi - lo, n_bits), axis=1, bitorder="little")
         scratch[flat] = False  # cheaper than clearing the whole block
@@ -371,7 +373,7 @@ def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
         for k, (row, counts) in enumerate(h5.iter_chunks(lo, hi, chunk_rows=chunk)):
             check_counts(counts.data, job.data, row)
             packed = pack_states(counts, job.match, bits.shape[1])
-            digests[k] = np.frombuffer(hashlib.sha256(packed.tobytes()).digest(), np.uint8)
+            digests[k] = np.frombuffer(hashlib.sha256(packed).digest(), np.uint8)  # no copy: a contiguous buffer
             pending.append(packed)
             if sum(p.nbytes for p in pending) >= flush_bytes or row + packed.shape[0] == hi:
                 block = pending[0] if len(pending) == 1 else np.concatenate(pending)

@@ -139,7 +139,10 @@ def test_pack_states_many_to_many_map_and_explicit_zeros() -> None:
     assert match.lookup is None
     counts = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 2, 3, 0], [0, 0, 0, 5]], dtype=np.float32))
     counts.data[counts.data == 3] = 0  # an explicitly stored zero
+    stored = [counts.data.copy(), counts.indices.copy(), counts.indptr.copy()]
     bits = np.unpackbits(pack_states(counts, match, 2), axis=1, count=10, bitorder="little")
+    for before, now in zip(stored, [counts.data, counts.indices, counts.indptr]):
+        np.testing.assert_array_equal(now, before)  # dropping the zero leaves the caller's matrix alone
     assert bits[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert bits[1].tolist() == [1] + [0] * 9
     assert bits[2].sum() == 0
