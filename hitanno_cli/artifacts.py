@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,6 +121,22 @@ def canonical_json(obj: Any) -> str:
 def sha256_text(text: str) -> str:
     """Content hash of a text (UTF-8)."""
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextmanager
+def sha256_file_in_background(path: str | Path) -> Iterator[Future[str]]:
+    """Hash a file in a background thread while the caller works on it.
+
+    hashlib and file reads release the GIL, so the hash costs no wall time on a second
+    core. On leaving the block (an error included) an unfinished hash stops at its next
+    block instead of reading the rest of a large file.
+    """
+    pool, cancel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hitanno-hash"), threading.Event()
+    try:
+        yield pool.submit(sha256_file, path, cancel)
+    finally:
+        cancel.set()
+        pool.shutdown(wait=True)
 
 
 def sha256_json(obj: Any) -> str:

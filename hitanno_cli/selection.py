@@ -250,7 +250,7 @@ def select_peaks(
 ) -> Panel:
     """Build the peak panel of a labelled reference ``.h5ad`` (SPEC §1.2)."""
     keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
-    with H5ad(reference, layer=layer) as h5:
+    with artifacts.sha256_file_in_background(reference) as reference_hash, H5ad(reference, layer=layer) as h5:
         labels = h5.labels(label_key)
         types, sizes = choose_types(labels, min_cells, exclude_types, reference)
         var = h5.var  # read whole once: its index gives the names, its columns the coordinates
@@ -274,7 +274,7 @@ def select_peaks(
         order, chosen = rare_first_sets(scores, moments.n_per_type, peaks_per_type, n_candidates, types)
         coords = peak_intervals(names, var)
         universe = artifacts.sha256_lines(names)
-        inputs = {"reference": artifacts.sha256_file(reference)}
+        inputs = {"reference": reference_hash.result()}
         n_vars = h5.n_vars
     sets = [
         PeakSet(

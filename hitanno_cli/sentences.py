@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -261,15 +260,10 @@ def _run_job(job: EncodeJob, h5: H5ad) -> Path | None:
     if n == 1 and staging.exists():
         shutil.rmtree(staging)
     group = _open_staging(job, h5)
-    # A single process hashes its input while it encodes (hashlib and file reads release
-    # the GIL); shards leave that to the one that assembles the store.
-    pool, cancel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hitanno-hash"), threading.Event()
-    try:
-        data_hash = pool.submit(artifacts.sha256_file, job.data, cancel) if n == 1 else None
+    if n > 1:  # shards leave the input's hash to the one that assembles the store
+        return _encode_and_assemble(job, h5, group, None)
+    with artifacts.sha256_file_in_background(job.data) as data_hash:  # hashed while it is encoded
         return _encode_and_assemble(job, h5, group, data_hash)
-    finally:
-        cancel.set()  # after an error, do not wait for the rest of a large file to be hashed
-        pool.shutdown(wait=True)
 
 
 def _encode_and_assemble(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: Future[str] | None) -> Path | None:

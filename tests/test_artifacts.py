@@ -105,3 +105,20 @@ def test_write_strings_round_trips_in_chunks_no_longer_than_the_array(tmp_path, 
     array = zarr.open_group(tmp_path / "s.zarr", mode="r")["ids"]
     assert array.chunks == (max(1, min(n, artifacts.STRING_CHUNK)),)
     assert array[:].tolist() == values.tolist()
+
+
+def test_background_hash_gives_the_file_hash_and_stops_on_an_error(tmp_path, monkeypatch) -> None:
+    """The hash computed in the background equals sha256_file's; leaving the block by an
+    error signals it to stop (sha256_file then returns "" at its next block, tested above)."""
+    f = tmp_path / "big.bin"
+    f.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    with artifacts.sha256_file_in_background(f) as digest:
+        assert digest.result() == artifacts.sha256_file(f)
+
+    def waits_for_cancel(path, cancel):
+        return "" if cancel.wait(10) else "finished"
+
+    monkeypatch.setattr(artifacts, "sha256_file", waits_for_cancel)
+    with pytest.raises(RuntimeError), artifacts.sha256_file_in_background(f) as digest:
+        raise RuntimeError("the caller's work failed")
+    assert digest.result() == ""  # told to stop, not left to finish
