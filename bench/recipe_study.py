@@ -111,6 +111,18 @@ ROUND2: dict[str, dict[str, Any]] = {
     "default-sample-bal": {"recipe": "default", "sampling": "balanced"},  # ∝ n^-2
 }
 
+#: Round 3 (seventh session): what round 2 left untried, one option at a time over today's default.
+ROUND3: dict[str, dict[str, Any]] = {
+    "r3-adam": {"recipe": "default", "optimizer": "adam", "weight_decay": 0.0},  # Adam, no decay
+    "r3-adam-l2": {"recipe": "default", "optimizer": "adam"},  # Adam, decay 0.05 as L2 in the gradient
+    "r3-warmup0.5": {"recipe": "default", "warmup_epochs": 0.5},
+    "r3-warmup4": {"recipe": "default", "warmup_epochs": 4.0},
+    "r3-e6": {"recipe": "default", "epochs": 6, "warmup_epochs": 1.5},
+    "r3-e16": {"recipe": "default", "epochs": 16, "warmup_epochs": 4.0},
+    "r3-ls0.4": {"recipe": "default", "label_smoothing": 0.4},
+    "r3-pd0.7": {"recipe": "default", "peak_dropout": 0.7},
+}
+
 #: Variants: a recipe name plus option overrides (model options under "model"). ``v0`` is
 #: the study's starting point of round 1 (the issue's best batch-64 ideas at batch 256,
 #: 64-wide); round-1 variants name the then-default ``E30-L``, so they use R1 too.
@@ -135,6 +147,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default-b16": over(R1, batch_size=16),
     "default-b16-nobal": over(R1, batch_size=16, class_weight="none"),
     **ROUND2,
+    **ROUND3,
 }
 
 
