@@ -178,6 +178,11 @@ def _pack_rows(indptr: np.ndarray, columns: np.ndarray, n_bytes: int, lookup: np
     return out
 
 
+def chunk_digest(rows: np.ndarray) -> np.ndarray:
+    """SHA-256 ``[32]`` (uint8) of a chunk of packed rows, hashed in place (no copy)."""
+    return np.frombuffer(hashlib.sha256(np.ascontiguousarray(rows)).digest(), np.uint8)
+
+
 def chunk_cells_for(n_bytes: int) -> int:
     """Cells per zarr chunk: about :data:`CHUNK_BYTES`, a multiple of 256."""
     cells = CHUNK_BYTES // max(n_bytes, 1)
@@ -367,7 +372,7 @@ def _write_shard(job: EncodeJob, h5: H5ad, group: zarr.Group) -> None:
         for k, (row, counts) in enumerate(h5.iter_chunks(lo, hi, chunk_rows=chunk)):
             check_counts(counts.data, job.data, row)
             packed = pack_states(counts, job.match, bits.shape[1])
-            digests[k] = np.frombuffer(hashlib.sha256(packed).digest(), np.uint8)  # no copy: a contiguous buffer
+            digests[k] = chunk_digest(packed)
             pending.append(packed)
             if sum(p.nbytes for p in pending) >= flush_bytes or row + packed.shape[0] == hi:
                 block = pending[0] if len(pending) == 1 else np.concatenate(pending)
@@ -483,7 +488,7 @@ def write_store(out: str | Path, blocks: Iterator[np.ndarray], ids: np.ndarray, 
         digests = np.zeros((specs["bits_sha256"]["shape"][0], 32), dtype=np.uint8)
         written = 0
         for k, part in enumerate(_regroup(blocks, bits.chunks[0])):
-            digests[k] = np.frombuffer(hashlib.sha256(part.tobytes()).digest(), np.uint8)
+            digests[k] = chunk_digest(part)
             bits[written : written + part.shape[0]] = part
             written += part.shape[0]
         if written != n_cells:
@@ -578,7 +583,7 @@ class SentenceStore:
         block = self._bits[c0 * chunk : min(c1 * chunk, self.n_cells)]
         for c in range(c0, c1):
             part = block[(c - c0) * chunk : (c - c0 + 1) * chunk]
-            if hashlib.sha256(np.ascontiguousarray(part).tobytes()).digest() != self._digests[c].tobytes():
+            if not np.array_equal(chunk_digest(part), self._digests[c]):
                 raise UserError(
                     f"{self.path} is corrupted: chunk {c} does not match its hash",
                     "re-create the store with hitanno encode",
