@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_OUT ?= demo_out
 DATA ?=
 
-.PHONY: install test demo bench bench-throughput bench-annotate bench-cluster clean
+.PHONY: install lint format test test-fast demo bench bench-throughput bench-annotate bench-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	DATA="$(DATA)" bash examples/demo.sh $(DEMO_OUT)

@@ -1,6 +1,6 @@
 """Annotation benchmark: hitanno end to end against simple baselines, same split, same run.
 
-Settings (``../shared/DATA.md``): **cross-donor** (reference Granja donor BMMC_D6T1,
+Settings (the project's benchmark settings): **cross-donor** (reference Granja donor BMMC_D6T1,
 query BMMC_D5T1) and **intra** (stratified 70/30 split by cell_type, random_state=0).
 For each setting the split is written as temporary ``.h5ad`` files, then hitanno runs
 as a user would (``select-peaks``, ``encode``, ``train``, ``predict --h5ad``, each a
@@ -58,15 +58,17 @@ def split(adata: ad.AnnData, setting: str) -> tuple[ad.AnnData, ad.AnnData]:
 def hitanno(*args: str) -> float:
     """Run one ``hitanno`` stage in its own process; return its wall time."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "hitanno_cli", *args, "-q"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "hitanno_cli", *args, "-q"], cwd=ROOT, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise SystemExit(f"hitanno {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
-def run_hitanno(work: Path, seed: int, train_args: list[str], truth: np.ndarray,
-                self_train: bool = False) -> dict[str, Any]:
+def run_hitanno(
+    work: Path, seed: int, train_args: list[str], truth: np.ndarray, self_train: bool = False
+) -> dict[str, Any]:
     """select-peaks (once per setting), encode, train, predict; scores and stage times.
 
     ``self_train``: the query is encoded too and ``train --adapt-to`` self-trains on it.
@@ -75,31 +77,60 @@ def run_hitanno(work: Path, seed: int, train_args: list[str], truth: np.ndarray,
     panel, store = work / "panel.json", work / "ref.zarr"
     if not panel.exists():
         times["select-peaks"] = hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(panel))
-        times["encode"] = hitanno("encode", str(work / "ref.h5ad"), "-p", str(panel), "-o", str(store),
-                                  "-l", "cell_type")
+        times["encode"] = hitanno(
+            "encode", str(work / "ref.h5ad"), "-p", str(panel), "-o", str(store), "-l", "cell_type"
+        )
     adapt: list[str] = []
     if self_train:
         query_store = work / "query.zarr"
         if not query_store.exists():
-            times["encode query"] = hitanno("encode", str(work / "query.h5ad"), "-p", str(panel), "-o",
-                                            str(query_store))
+            times["encode query"] = hitanno(
+                "encode", str(work / "query.h5ad"), "-p", str(panel), "-o", str(query_store)
+            )
         adapt = ["--adapt-to", str(query_store)]
     tag = f"{'adapt_' if self_train else ''}seed{seed}"
     model, pred = work / f"model_{tag}", work / f"pred_{tag}"
-    times["train"] = hitanno("train", "-s", str(store), "-p", str(panel), "-o", str(model), "--seed", str(seed),
-                             "--overwrite", *adapt, *train_args)
-    times["predict"] = hitanno("predict", "-m", str(model), "--h5ad", str(work / "query.h5ad"), "-o", str(pred),
-                               "--overwrite")
+    times["train"] = hitanno(
+        "train",
+        "-s",
+        str(store),
+        "-p",
+        str(panel),
+        "-o",
+        str(model),
+        "--seed",
+        str(seed),
+        "--overwrite",
+        *adapt,
+        *train_args,
+    )
+    times["predict"] = hitanno(
+        "predict", "-m", str(model), "--h5ad", str(work / "query.h5ad"), "-o", str(pred), "--overwrite"
+    )
     predicted = pd.read_csv(pred / "predictions.csv")["predicted"].astype(str).to_numpy()
     metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     best = next(m for m in reversed(metrics) if m["best"])
-    return {"method": SELF_TRAINED if self_train else "hitanno", "seed": seed, **scores(truth, predicted, RARE),
-            "wall_s": round(sum(times.values()), 2), "stage_s": {k: round(v, 2) for k, v in times.items()},
-            "epochs_run": len(metrics), "best_epoch": best["epoch"], "best_val_accuracy": best.get("val_accuracy")}
+    return {
+        "method": SELF_TRAINED if self_train else "hitanno",
+        "seed": seed,
+        **scores(truth, predicted, RARE),
+        "wall_s": round(sum(times.values()), 2),
+        "stage_s": {k: round(v, 2) for k, v in times.items()},
+        "epochs_run": len(metrics),
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best.get("val_accuracy"),
+    }
 
 
-def run_setting(adata: ad.AnnData, setting: str, seeds: list[int], train_args: list[str],
-                work_root: Path, self_train: bool = False) -> dict[str, Any]:
+def run_setting(
+    adata: ad.AnnData,
+    setting: str,
+    *,
+    seeds: list[int],
+    train_args: list[str],
+    work_root: Path,
+    self_train: bool = False,
+) -> dict[str, Any]:
     """Baselines and hitanno (every seed) on one setting's split."""
     work = work_root / setting
     shutil.rmtree(work, ignore_errors=True)
@@ -119,8 +150,13 @@ def run_setting(adata: ad.AnnData, setting: str, seeds: list[int], train_args: l
     summary = {"hitanno": summarise(results, "hitanno")}
     if self_train:
         summary[SELF_TRAINED] = summarise(results, SELF_TRAINED)
-    return {"setting": setting, "n_reference": ref.n_obs, "n_query": query.n_obs, "results": results,
-            "summary": summary}
+    return {
+        "setting": setting,
+        "n_reference": ref.n_obs,
+        "n_query": query.n_obs,
+        "results": results,
+        "summary": summary,
+    }
 
 
 def summarise(results: list[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -131,40 +167,52 @@ def summarise(results: list[dict[str, Any]], method: str) -> dict[str, Any]:
     for key in ("accuracy", "macro_f1", "kappa"):
         median = float(np.median([r[key] for r in ours]))
         strongest = max(base, key=lambda r: r[key])
-        out[key] = {"hitanno_median": median, "best_baseline": strongest["method"],
-                    "best_baseline_value": strongest[key], "ratio": median / strongest[key]}
+        out[key] = {
+            "hitanno_median": median,
+            "best_baseline": strongest["method"],
+            "best_baseline_value": strongest[key],
+            "ratio": median / strongest[key],
+        }
     return out
 
 
 def print_table(report: dict[str, Any]) -> None:
     """One row per method (and seed), then the median ratios to the strongest baseline."""
-    header = f"{'method':32} {'seed':>4} {'acc':>6} {'macroF1':>7} {'kappa':>6} " + " ".join(
-        f"{t[:9]:>9}" for t in RARE) + f" {'wall s':>8}"
+    header = (
+        f"{'method':32} {'seed':>4} {'acc':>6} {'macroF1':>7} {'kappa':>6} "
+        + " ".join(f"{t[:9]:>9}" for t in RARE)
+        + f" {'wall s':>8}"
+    )
     for block in report["settings"]:
         print(f"\n== {block['setting']}: reference {block['n_reference']} cells, query {block['n_query']} cells")
         print(header)
         for r in block["results"]:
             rare = " ".join(f"{r['rare_f1'][t]:9.3f}" for t in RARE)
-            print(f"{r['method']:32} {str(r.get('seed', '-')):>4} {r['accuracy']:6.3f} {r['macro_f1']:7.3f} "
-                  f"{r['kappa']:6.3f} {rare} {r['wall_s']:8.1f}")
+            print(
+                f"{r['method']:32} {str(r.get('seed', '-')):>4} {r['accuracy']:6.3f} {r['macro_f1']:7.3f} "
+                f"{r['kappa']:6.3f} {rare} {r['wall_s']:8.1f}"
+            )
         for method, summary in block["summary"].items():
             for key, s in summary.items():
-                print(f"  {key}: {method} median {s['hitanno_median']:.3f} / {s['best_baseline']} "
-                      f"{s['best_baseline_value']:.3f} = ratio {s['ratio']:.3f}")
+                print(
+                    f"  {key}: {method} median {s['hitanno_median']:.3f} / {s['best_baseline']} "
+                    f"{s['best_baseline_value']:.3f} = ratio {s['ratio']:.3f}"
+                )
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: cross-donor,intra")
     parser.add_argument("--seeds", default="42", help="comma-separated training seeds")
     parser.add_argument("--data", type=Path, default=DATA, help="Granja .h5ad")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "annotate", help="work directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "annotate.json")
-    parser.add_argument("--self-train", action="store_true",
-                        help="also run each seed self-trained on the query (train --adapt-to)")
+    parser.add_argument(
+        "--self-train", action="store_true", help="also run each seed self-trained on the query (train --adapt-to)"
+    )
     args = parser.parse_args(own)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
@@ -173,9 +221,17 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     adata = ad.read_h5ad(args.data)
     started = time.perf_counter()
-    report = {"data": str(args.data), "seeds": seeds, "train_args": train_args, "device_env":
-              os.environ.get("CUDA_VISIBLE_DEVICES", "cpu/auto"), "threads": os.cpu_count(),
-              "settings": [run_setting(adata, s, seeds, train_args, args.work, args.self_train) for s in settings]}
+    report = {
+        "data": str(args.data),
+        "seeds": seeds,
+        "train_args": train_args,
+        "device_env": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu/auto"),
+        "threads": os.cpu_count(),
+        "settings": [
+            run_setting(adata, s, seeds=seeds, train_args=train_args, work_root=args.work, self_train=args.self_train)
+            for s in settings
+        ],
+    }
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

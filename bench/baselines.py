@@ -1,6 +1,6 @@
-"""Annotation baselines and scores, as ``../shared/DATA.md`` describes them (scikit-learn).
+"""Annotation baselines and scores, as the benchmark settings define them (scikit-learn).
 
-* TF-IDF + logistic regression: TF-IDF as SPEC §1.2 (``log(1 + 1e4 · tf · idf)``) on
+* TF-IDF + logistic regression: the published TF-IDF (``log(1 + 1e4 · tf · idf)``) on
   *binarised* counts, idf from the reference; ``LogisticRegression(C=1)``.
 * LSI + kNN (the usual label transfer): 50-component truncated SVD of that TF-IDF,
   first component dropped, rows L2-normalised; ``KNeighborsClassifier(k=15)``.
@@ -24,7 +24,7 @@ from sklearn.preprocessing import normalize
 
 
 class BinaryTfidf:
-    """SPEC §1.2 TF-IDF on binarised counts; the idf is learned from the reference."""
+    """The published TF-IDF on binarised counts; the idf is learned from the reference."""
 
     def fit(self, counts: sp.csr_matrix) -> BinaryTfidf:
         binary = (counts > 0).astype(np.float64)
@@ -84,13 +84,15 @@ def scores(truth: Sequence[str], predicted: Sequence[str], rare: Sequence[str]) 
     }
 
 
-def run_baselines(ref: sp.csr_matrix, labels: np.ndarray, query: sp.csr_matrix, truth: np.ndarray,
-                  rare: Sequence[str]) -> list[dict[str, Any]]:
+def run_baselines(
+    ref: sp.csr_matrix, labels: np.ndarray, query: sp.csr_matrix, truth: np.ndarray, rare: Sequence[str]
+) -> list[dict[str, Any]]:
     """Every baseline on one split: scores plus wall time."""
     results = []
     for name, method in BASELINES.items():
         started = time.perf_counter()
         predicted = method(ref, labels, query)
-        results.append({"method": name, **scores(truth, predicted, rare),
-                        "wall_s": round(time.perf_counter() - started, 2)})
+        results.append(
+            {"method": name, **scores(truth, predicted, rare), "wall_s": round(time.perf_counter() - started, 2)}
+        )
     return results

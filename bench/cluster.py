@@ -53,15 +53,20 @@ def baseline(path: Path, label_key: str, resolution: float, seed: int) -> dict:
     indices, distances = nearest_neighbors(pcs, 14, "euclidean")
     labels = leiden(umap_connectivities(indices, distances, 15), resolution, seed)
     truth = data.labels.astype(str)
-    return {"ari": adjusted_rand_score(truth, labels), "nmi": normalized_mutual_info_score(truth, labels),
-            "n_clusters": int(labels.max() + 1), "seconds": time.perf_counter() - start}
+    return {
+        "ari": adjusted_rand_score(truth, labels),
+        "nmi": normalized_mutual_info_score(truth, labels),
+        "n_clusters": int(labels.max() + 1),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_cli(args: list[str]) -> tuple[dict, float]:
     """``hitanno cluster`` in a fresh process; returns its metrics.json and wall time."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hitanno_cli", "cluster", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hitanno_cli", "cluster", *args], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"hitanno cluster failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -71,8 +76,13 @@ def run_cli(args: list[str]) -> tuple[dict, float]:
 
 def spread(values: list[float]) -> dict:
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "values": [float(v) for v in a]}
+    return {
+        "mean": float(a.mean()),
+        "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "values": [float(v) for v in a],
+    }
 
 
 def fmt(s: dict) -> str:
@@ -84,20 +94,50 @@ def bench_baron(seeds: list[int], resolution: float, extra: list[str], work: Pat
     base = [baseline(BARON, "cell_type", resolution, s) for s in seeds]
     ours = []
     for s in seeds:
-        metrics, wall = run_cli([str(BARON), "-o", str(work / f"baron_{s}"), "--label-key", "cell_type",
-                                 "--resolution", str(resolution), "--seed", str(s), "--device", "cpu", "-q",
-                                 "--overwrite", *extra])
-        ours.append({"ari": metrics["ari"], "nmi": metrics["nmi"], "n_clusters": metrics["n_clusters"],
-                     "seconds": wall, "silhouette": metrics["silhouette"],
-                     "davies_bouldin": metrics["davies_bouldin"], "training": metrics["training"]})
-        print(f"   seed {s}: hitanno cluster ARI {metrics['ari']:.3f} NMI {metrics['nmi']:.3f} "
-              f"({metrics['n_clusters']} clusters, {wall:.0f} s); baseline ARI {base[seeds.index(s)]['ari']:.3f} "
-              f"NMI {base[seeds.index(s)]['nmi']:.3f} ({base[seeds.index(s)]['n_clusters']} clusters)", flush=True)
+        metrics, wall = run_cli(
+            [
+                str(BARON),
+                "-o",
+                str(work / f"baron_{s}"),
+                "--label-key",
+                "cell_type",
+                "--resolution",
+                str(resolution),
+                "--seed",
+                str(s),
+                "--device",
+                "cpu",
+                "-q",
+                "--overwrite",
+                *extra,
+            ]
+        )
+        ours.append(
+            {
+                "ari": metrics["ari"],
+                "nmi": metrics["nmi"],
+                "n_clusters": metrics["n_clusters"],
+                "seconds": wall,
+                "silhouette": metrics["silhouette"],
+                "davies_bouldin": metrics["davies_bouldin"],
+                "training": metrics["training"],
+            }
+        )
+        print(
+            f"   seed {s}: hitanno cluster ARI {metrics['ari']:.3f} NMI {metrics['nmi']:.3f} "
+            f"({metrics['n_clusters']} clusters, {wall:.0f} s); baseline ARI {base[seeds.index(s)]['ari']:.3f} "
+            f"NMI {base[seeds.index(s)]['nmi']:.3f} ({base[seeds.index(s)]['n_clusters']} clusters)",
+            flush=True,
+        )
     result = {"resolution": resolution, "seeds": seeds, "extra_args": extra}
     for name, runs in (("baseline", base), ("hitanno_cluster", ours)):
-        result[name] = {"ari": spread([r["ari"] for r in runs]), "nmi": spread([r["nmi"] for r in runs]),
-                        "n_clusters": [r["n_clusters"] for r in runs],
-                        "seconds": spread([r["seconds"] for r in runs]), "runs": runs}
+        result[name] = {
+            "ari": spread([r["ari"] for r in runs]),
+            "nmi": spread([r["nmi"] for r in runs]),
+            "n_clusters": [r["n_clusters"] for r in runs],
+            "seconds": spread([r["seconds"] for r in runs]),
+            "runs": runs,
+        }
     print(f"{'method':<34}{'ARI':<42}{'NMI':<42}wall s (mean)")
     for name, label in (("baseline", "baseline (PCA-50, 15-NN, Leiden)"), ("hitanno_cluster", "hitanno cluster")):
         r = result[name]
@@ -108,27 +148,60 @@ def bench_baron(seeds: list[int], resolution: float, extra: list[str], work: Pat
     return result
 
 
-def bench_scale(n_cells: int, n_genes: int, pretrain: int, cluster: int, batch_size: int, knn: bool,
-                work: Path) -> dict:
+def bench_scale(
+    n_cells: int, n_genes: int, *, pretrain: int, cluster: int, batch_size: int, knn: bool, work: Path
+) -> dict:
     from hitanno_cli.clustering.simulate import write_counts_h5ad
 
     print(f"== scale: {n_cells} simulated cells × {n_genes} genes, --max-cells {n_cells}", flush=True)
     path = write_counts_h5ad(work / f"sim_{n_cells}.h5ad", n_cells, n_genes, 12, seed=0)
-    args = [str(path), "-o", str(work / f"sim_{n_cells}_out"), "--label-key", "cluster", "--max-cells",
-            str(n_cells), "--pretrain-epochs", str(pretrain), "--cluster-epochs", str(cluster),
-            "--batch-size", str(batch_size), "--device", "cpu", "-q", "--overwrite", "--knn" if knn else "--no-knn"]
+    args = [
+        str(path),
+        "-o",
+        str(work / f"sim_{n_cells}_out"),
+        "--label-key",
+        "cluster",
+        "--max-cells",
+        str(n_cells),
+        "--pretrain-epochs",
+        str(pretrain),
+        "--cluster-epochs",
+        str(cluster),
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        "cpu",
+        "-q",
+        "--overwrite",
+        "--knn" if knn else "--no-knn",
+    ]
     metrics, wall = run_cli(args)
     base = baseline(path, "cluster", 1.0, 0)
-    result = {"n_cells": n_cells, "n_genes": n_genes, "pretrain_epochs": pretrain, "cluster_epochs": cluster,
-              "batch_size": batch_size, "knn": knn, "wall_seconds": wall, "peak_rss_gib": metrics["peak_rss_gib"],
-              "ari": metrics["ari"], "nmi": metrics["nmi"], "n_clusters": metrics["n_clusters"],
-              "n_training_cells": metrics["n_training_cells"], "training": metrics["training"],
-              "baseline": base}
-    print(f"   {wall:.0f} s wall, peak RSS {metrics['peak_rss_gib']:.2f} GiB, ARI {metrics['ari']:.3f} "
-          f"NMI {metrics['nmi']:.3f} vs the simulated clusters; phases (s): {metrics['training']['seconds']}",
-          flush=True)
-    print(f"   baseline on the same matrix: ARI {base['ari']:.3f} NMI {base['nmi']:.3f} ({base['seconds']:.0f} s)",
-          flush=True)
+    result = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "pretrain_epochs": pretrain,
+        "cluster_epochs": cluster,
+        "batch_size": batch_size,
+        "knn": knn,
+        "wall_seconds": wall,
+        "peak_rss_gib": metrics["peak_rss_gib"],
+        "ari": metrics["ari"],
+        "nmi": metrics["nmi"],
+        "n_clusters": metrics["n_clusters"],
+        "n_training_cells": metrics["n_training_cells"],
+        "training": metrics["training"],
+        "baseline": base,
+    }
+    print(
+        f"   {wall:.0f} s wall, peak RSS {metrics['peak_rss_gib']:.2f} GiB, ARI {metrics['ari']:.3f} "
+        f"NMI {metrics['nmi']:.3f} vs the simulated clusters; phases (s): {metrics['training']['seconds']}",
+        flush=True,
+    )
+    print(
+        f"   baseline on the same matrix: ARI {base['ari']:.3f} NMI {base['nmi']:.3f} ({base['seconds']:.0f} s)",
+        flush=True,
+    )
     return result
 
 
@@ -158,8 +231,15 @@ def main() -> None:
                 seeds = [int(s) for s in args.seeds.split(",")]
                 results["baron"] = bench_baron(seeds, args.resolution, args.baron_args.split(), work)
         if not args.skip_scale:
-            results["scale"] = bench_scale(args.scale_cells, args.scale_genes, args.scale_pretrain,
-                                           args.scale_cluster, args.scale_batch, not args.scale_soft, work)
+            results["scale"] = bench_scale(
+                args.scale_cells,
+                args.scale_genes,
+                pretrain=args.scale_pretrain,
+                cluster=args.scale_cluster,
+                batch_size=args.scale_batch,
+                knn=not args.scale_soft,
+                work=work,
+            )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cluster.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"written {RESULTS / 'cluster.json'}")

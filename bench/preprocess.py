@@ -45,9 +45,9 @@ console.set_quiet(True)
 t1 = time.perf_counter()
 stage, args = sys.argv[1], sys.argv[2:]
 if stage == "select":
-    select_peaks(args[0], args[1]).save(args[2], overwrite=True)
+    select_peaks(args[0], label_key=args[1]).save(args[2], overwrite=True)
 else:
-    encode(args[0], args[1], args[2], label_key=args[3], overwrite=True)
+    encode(args[0], panel=args[1], output=args[2], label_key=args[3], overwrite=True)
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "work_s": t2 - t1,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -97,8 +97,9 @@ def hitanno_pipeline(data: Path, label_key: str, work: Path, one_core_encode: bo
 
 
 # -- the synthetic atlas ------------------------------------------------------------------
-def write_synthetic(path: Path, n_cells: int, n_peaks: int, n_types: int = 30,
-                    open_per_cell: int = 1000, seed: int = 0) -> None:
+def write_synthetic(
+    path: Path, n_cells: int, n_peaks: int, *, n_types: int = 30, open_per_cell: int = 1000, seed: int = 0
+) -> None:
     """A CSR h5ad written chunk by chunk (never the whole matrix in memory)."""
     from anndata.io import write_elem
 
@@ -140,11 +141,14 @@ def write_synthetic(path: Path, n_cells: int, n_peaks: int, n_types: int = 30,
             indptr.append(n_old + np.cumsum(np.bincount(r, minlength=len(lab))))
         x.create_dataset("indptr", data=np.concatenate(indptr))
         names = [f"type_{t:02d}" for t in range(n_types)]
-        obs = pd.DataFrame({"cell_type": pd.Categorical([names[t] for t in labels], categories=names)},
-                           index=[f"cell{i}" for i in range(n_cells)])
+        obs = pd.DataFrame(
+            {"cell_type": pd.Categorical([names[t] for t in labels], categories=names)},
+            index=[f"cell{i}" for i in range(n_cells)],
+        )
         starts = np.arange(n_peaks, dtype=np.int64) * 2000
-        var = pd.DataFrame({"chrom": "chr1", "start": starts, "end": starts + 500},
-                           index=[f"chr1:{s}-{s + 500}" for s in starts])
+        var = pd.DataFrame(
+            {"chrom": "chr1", "start": starts, "end": starts + 500}, index=[f"chr1:{s}-{s + 500}" for s in starts]
+        )
         write_elem(f, "obs", obs)
         write_elem(f, "var", var)
         for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
@@ -176,8 +180,9 @@ def bench_granja(skip_reference: bool, repeats: int, rounds: int) -> dict:
         ours = hitanno_pipeline(GRANJA, "cell_type", work, one_core_encode=False, repeats=repeats)
         entry = {"hitanno": ours}
         if not skip_reference:
-            entry["reference"] = _run([sys.executable, "bench/reference_preprocess.py", str(GRANJA),
-                                       "cell_type", str(work / "reference")])
+            entry["reference"] = _run(
+                [sys.executable, "bench/reference_preprocess.py", str(GRANJA), "cell_type", str(work / "reference")]
+            )
             o_work = ours["select"]["work_s"] + ours["encode"]["work_s"]
             o_wall = ours["select"]["wall_s"] + ours["encode"]["wall_s"]
             entry["speedup_work"] = entry["reference"]["total_s"] / o_work
@@ -188,9 +193,11 @@ def bench_granja(skip_reference: bool, repeats: int, rounds: int) -> dict:
     middle = sorted(per_round, key=lambda e: e.get("speedup_work", 0.0))[len(per_round) // 2]
     result.update(hitanno=middle["hitanno"])
     if not skip_reference:
-        result.update(reference=middle["reference"],
-                      speedup_work=float(np.median([e["speedup_work"] for e in per_round])),
-                      speedup_wall=float(np.median([e["speedup_wall"] for e in per_round])))
+        result.update(
+            reference=middle["reference"],
+            speedup_work=float(np.median([e["speedup_work"] for e in per_round])),
+            speedup_wall=float(np.median([e["speedup_wall"] for e in per_round])),
+        )
     return result
 
 
@@ -220,18 +227,25 @@ def main() -> None:
     parser.add_argument("--peaks", type=int, default=100_000)
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow published reference")
     parser.add_argument("--skip-synthetic", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="runs of each hitanno stage per round on Granja (medians reported)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds of hitanno and the reference on Granja (ratio: median over rounds)")
-    parser.add_argument("--synthetic-repeats", type=int, default=3,
-                        help="runs of each stage on the synthetic atlas (medians reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs of each hitanno stage per round on Granja (medians reported)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of hitanno and the reference on Granja (ratio: median over rounds)",
+    )
+    parser.add_argument(
+        "--synthetic-repeats", type=int, default=3, help="runs of each stage on the synthetic atlas (medians reported)"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"granja": bench_granja(args.skip_reference, args.repeats, args.rounds)}
     if not args.skip_synthetic:
-        result["synthetic"] = bench_synthetic(sorted({args.small_cells, args.cells}), args.peaks,
-                                              args.synthetic_repeats)
+        result["synthetic"] = bench_synthetic(
+            sorted({args.small_cells, args.cells}), args.peaks, args.synthetic_repeats
+        )
     report(result)
     (RESULTS / "preprocess.json").write_text(json.dumps(result, indent=1))
     print(f"\nwrote {RESULTS / 'preprocess.json'}")
@@ -245,30 +259,56 @@ def report(result: dict) -> None:
         o_wall = ours["select"]["wall_s"] + ours["encode"]["wall_s"]
         o_work = ours["select"]["work_s"] + ours["encode"]["work_s"]
         o_rss = max(ours["select"]["peak_rss_mib"], ours["encode"]["peak_rss_mib"])
-        rows.append(["hitanno select-peaks", f"{ours['select']['wall_s']:.2f}", f"{ours['select']['work_s']:.2f}",
-                     f"{ours['select']['peak_rss_mib']:.0f}", ""])
-        rows.append(["hitanno encode", f"{ours['encode']['wall_s']:.2f}", f"{ours['encode']['work_s']:.2f}",
-                     f"{ours['encode']['peak_rss_mib']:.0f}", ""])
+        rows.append(
+            [
+                "hitanno select-peaks",
+                f"{ours['select']['wall_s']:.2f}",
+                f"{ours['select']['work_s']:.2f}",
+                f"{ours['select']['peak_rss_mib']:.0f}",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "hitanno encode",
+                f"{ours['encode']['wall_s']:.2f}",
+                f"{ours['encode']['work_s']:.2f}",
+                f"{ours['encode']['peak_rss_mib']:.0f}",
+                "",
+            ]
+        )
         rows.append(["hitanno total", f"{o_wall:.2f}", f"{o_work:.2f}", f"{o_rss:.0f}", "1.0×"])
         if "reference" in granja:
             ref = granja["reference"]
             work = ref["total_s"]  # like ours: the computation including reading the matrix
-            rows.append(["published (reference)", f"{ref['wall_s']:.2f}", f"{work:.2f}",
-                         f"{ref['peak_rss_mib']:.0f}", f"{ref['wall_s'] / o_wall:.0f}× wall, "
-                         f"{work / o_work:.0f}× work"])
+            rows.append(
+                [
+                    "published (reference)",
+                    f"{ref['wall_s']:.2f}",
+                    f"{work:.2f}",
+                    f"{ref['peak_rss_mib']:.0f}",
+                    f"{ref['wall_s'] / o_wall:.0f}× wall, {work / o_work:.0f}× work",
+                ]
+            )
         rounds = granja.get("rounds", [])
         print("\nGranja 14 125 cells × 10 000 peaks: select-peaks + encode")
         print(_table(rows, ["method", "wall s", "work s", "peak RSS MiB", "reference / hitanno"]))
-        print(f"(wall: whole process incl. interpreter start and imports; work: the computation "
-              f"after imports, reading the .h5ad included, for both; the round with the median "
-              f"ratio of {len(rounds)}, hitanno's figures the median of "
-              f"{ours['select'].get('repeats', 1)} runs in that round)")
+        print(
+            f"(wall: whole process incl. interpreter start and imports; work: the computation "
+            f"after imports, reading the .h5ad included, for both; the round with the median "
+            f"ratio of {len(rounds)}, hitanno's figures the median of "
+            f"{ours['select'].get('repeats', 1)} runs in that round)"
+        )
         if "speedup_work" in granja:
-            per_round = ", ".join(f"{e['speedup_work']:.0f}× (reference {e['reference']['total_s']:.1f} s, "
-                                  f"hitanno {e['hitanno']['select']['work_s'] + e['hitanno']['encode']['work_s']:.2f} s)"
-                                  for e in rounds)
-            print(f"reference / hitanno in work, per round: {per_round}; median "
-                  f"**{granja['speedup_work']:.0f}×** (wall {granja['speedup_wall']:.0f}×)")
+            per_round = ", ".join(
+                f"{e['speedup_work']:.0f}× (reference {e['reference']['total_s']:.1f} s, "
+                f"hitanno {e['hitanno']['select']['work_s'] + e['hitanno']['encode']['work_s']:.2f} s)"
+                for e in rounds
+            )
+            print(
+                f"reference / hitanno in work, per round: {per_round}; median "
+                f"**{granja['speedup_work']:.0f}×** (wall {granja['speedup_wall']:.0f}×)"
+            )
     synthetic = result.get("synthetic") or {}
     if synthetic:
         rows = []
@@ -276,11 +316,20 @@ def report(result: dict) -> None:
             n = int(n)
             for stage in ("select", "encode"):
                 r = run[stage]
-                rows.append([f"{n:,}", stage + (" (1 core)" if stage == "encode" else ""),
-                             f"{r['work_s']:.1f}", f"{n / r['work_s']:,.0f}", f"{r['peak_rss_mib']:.0f}"])
+                rows.append(
+                    [
+                        f"{n:,}",
+                        stage + (" (1 core)" if stage == "encode" else ""),
+                        f"{r['work_s']:.1f}",
+                        f"{n / r['work_s']:,.0f}",
+                        f"{r['peak_rss_mib']:.0f}",
+                    ]
+                )
         first = next(iter(synthetic.values()))
-        print(f"\nSynthetic atlas: 30 types, {first['nnz_per_cell']:.0f} open peaks per cell "
-              f"(median of {first['encode'].get('repeats', 1)} runs)")
+        print(
+            f"\nSynthetic atlas: 30 types, {first['nnz_per_cell']:.0f} open peaks per cell "
+            f"(median of {first['encode'].get('repeats', 1)} runs)"
+        )
         print(_table(rows, ["cells", "stage", "work s", "cells/s", "peak RSS MiB"]))
 
 

@@ -1,6 +1,7 @@
 """Can ``21_CD4.N2`` be told from ``20_CD4.N1`` at all in Granja's peaks, even within one donor?
 
-For each donor alone, and for both pooled (as the intra split is): 5-fold stratified cross-validation of TF-IDF + logistic regression
+For each donor alone, and for both pooled (as the intra split is): 5-fold stratified
+cross-validation of TF-IDF + logistic regression
 (``bench/baselines.py``'s TF-IDF, idf from each training fold) on the cells of the two
 types only, with and without balanced class weights. Prints the held-out F1 of N2 and the
 AUC of the model's score, and the AUC of the cell's number of open peaks alone (fewer
@@ -44,7 +45,10 @@ def main() -> None:
     if not DATA.exists():
         raise SystemExit(f"{DATA} is absent")
     adata = ad.read_h5ad(DATA)
-    print(f"| donor | {PAIR[0]} cells | {PAIR[1]} cells | class weights | {PAIR[1]} F1 (5-fold) | AUC | AUC of open-peak count alone |")
+    print(
+        f"| donor | {PAIR[0]} cells | {PAIR[1]} cells | class weights | {PAIR[1]} F1 (5-fold) | AUC "
+        "| AUC of open-peak count alone |"
+    )
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for donor in [*sorted(adata.obs["donor"].unique()), "both"]:
         of_donor = adata.obs["donor"] == donor if donor != "both" else np.ones(adata.n_obs, bool)
@@ -54,8 +58,10 @@ def main() -> None:
         depth_auc = roc_auc_score(is_rare, -np.diff(x.indptr))
         for weights in (None, "balanced"):
             f1, auc = cross_validated(x, is_rare, weights)
-            print(f"| {donor} | {(~is_rare).sum()} | {is_rare.sum()} | {weights or 'none'} | {f1:.3f} | {auc:.3f} | "
-                  f"{depth_auc:.3f} |")
+            print(
+                f"| {donor} | {(~is_rare).sum()} | {is_rare.sum()} | {weights or 'none'} | {f1:.3f} | {auc:.3f} | "
+                f"{depth_auc:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from hitanno_cli import console  # noqa: E402
 from hitanno_cli.batches import sequential_batches  # noqa: E402
 from hitanno_cli.checkpoint import load_model  # noqa: E402
 from hitanno_cli.sentences import SentenceStore  # noqa: E402
-from hitanno_cli.training import RECIPES, TrainOptions, recipe_options, train  # noqa: E402
+from hitanno_cli.training import TrainOptions, recipe_options, train  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "recipe"
 OUT = ROOT / "bench" / "results" / "recipe_study.json"
@@ -52,8 +52,16 @@ def over(base: dict[str, Any], **change: Any) -> dict[str, Any]:
 
 #: The defaults of earlier rounds, written over today's ``default`` so their runs stay
 #: reproducible: round 1's winner (``E30-L``) and round 2's first winner (``B-d32``).
-R1 = over({"recipe": "default"}, epochs=20, warmup_epochs=3.0, val_fraction=0.25, label_smoothing=0.1,
-          min_steps_per_epoch=0, embed_init="lsi", model={"embed_dim": 64})
+R1 = over(
+    {"recipe": "default"},
+    epochs=20,
+    warmup_epochs=3.0,
+    val_fraction=0.25,
+    label_smoothing=0.1,
+    min_steps_per_epoch=0,
+    embed_init="lsi",
+    model={"embed_dim": 64},
+)
 R2 = over({"recipe": "default"}, embed_init="lsi", label_smoothing=0.2, model={"embed_dim": 32})
 
 #: Round 2 (per-cell class weights under label smoothing, 5x faster sparse step): a
@@ -78,10 +86,22 @@ ROUND2: dict[str, dict[str, Any]] = {
     "r1-all-e10-ls0.2-d32": over(R1, val_fraction=0.0, epochs=10, label_smoothing=0.2, model={"embed_dim": 32}),
     "r1-all-e10-ls0.2-wd0.2": over(R1, val_fraction=0.0, epochs=10, label_smoothing=0.2, weight_decay=0.2),
     "r1-all-e8-ls0.2": over(R1, val_fraction=0.0, epochs=8, warmup_epochs=2.0, label_smoothing=0.2),
-    "r1-all-e8-ls0.2-d32-idf": over(R1, val_fraction=0.0, epochs=8, warmup_epochs=2.0, label_smoothing=0.2,
-                                    model={"embed_dim": 32, "linear_idf": True}),
-    "r1-all-e6-ls0.2-d32-idf": over(R1, val_fraction=0.0, epochs=6, warmup_epochs=2.0, label_smoothing=0.2,
-                                    model={"embed_dim": 32, "linear_idf": True}),
+    "r1-all-e8-ls0.2-d32-idf": over(
+        R1,
+        val_fraction=0.0,
+        epochs=8,
+        warmup_epochs=2.0,
+        label_smoothing=0.2,
+        model={"embed_dim": 32, "linear_idf": True},
+    ),
+    "r1-all-e6-ls0.2-d32-idf": over(
+        R1,
+        val_fraction=0.0,
+        epochs=6,
+        warmup_epochs=2.0,
+        label_smoothing=0.2,
+        model={"embed_dim": 32, "linear_idf": True},
+    ),
     "r2-base": R2,  # = r1-all-e8-ls0.2 at width 32 (B-d32), plus --min-steps-per-epoch 16
     "r2-e12": over(R2, epochs=12, warmup_epochs=3.0),
     "r2-d64": over(R2, model={"embed_dim": 64}),
@@ -153,8 +173,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def hitanno(*args: str) -> None:
     """One ``hitanno`` command in its own process."""
-    result = subprocess.run([sys.executable, "-m", "hitanno_cli", *args, "-q"], cwd=ROOT, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "hitanno_cli", *args, "-q"], cwd=ROOT, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise SystemExit(f"hitanno {args[0]} failed:\n{result.stderr[-3000:]}")
 
@@ -174,14 +195,30 @@ def prepare(setting: str, adata: ad.AnnData | None, subsample: int | None) -> Pa
     ref.write_h5ad(work / "ref.h5ad")
     query.write_h5ad(work / "query.h5ad")
     rare_ok = [] if subsample is None else ["--min-cells", "2"]  # a small reference keeps its rare types
-    hitanno("select-peaks", str(work / "ref.h5ad"), "-l", "cell_type", "-o", str(work / "panel.json"), "--overwrite",
-            *rare_ok)
+    hitanno(
+        "select-peaks",
+        str(work / "ref.h5ad"),
+        "-l",
+        "cell_type",
+        "-o",
+        str(work / "panel.json"),
+        "--overwrite",
+        *rare_ok,
+    )
     for name in ("ref", "query"):
-        hitanno("encode", str(work / f"{name}.h5ad"), "-p", str(work / "panel.json"), "-o",
-                str(work / f"{name}.zarr"), "-l", "cell_type", "--overwrite")
+        hitanno(
+            "encode",
+            str(work / f"{name}.h5ad"),
+            "-p",
+            str(work / "panel.json"),
+            "-o",
+            str(work / f"{name}.zarr"),
+            "-l",
+            "cell_type",
+            "--overwrite",
+        )
     truth = query.obs["cell_type"].astype(str).to_numpy()
-    base = run_baselines(ref.X.tocsr(), ref.obs["cell_type"].astype(str).to_numpy(), query.X.tocsr(), truth,
-                         RARE_TYPES)
+    base = run_baselines(ref.X.tocsr(), ref.obs["cell_type"].astype(str).to_numpy(), query.X.tocsr(), truth, RARE_TYPES)
     (work / "baselines.json").write_text(json.dumps(base, indent=1))
     return work
 
@@ -219,17 +256,24 @@ def run_one(work: Path, variant: str, seed: int) -> dict[str, Any]:
     options = options_for(variant, seed)
     model_dir = work / f"model_{variant}_{seed}"
     started = time.perf_counter()
-    train(work / "ref.zarr", work / "panel.json", model_dir, options, device="cpu", overwrite=True)
+    train(work / "ref.zarr", panel=work / "panel.json", output=model_dir, options=options, device="cpu", overwrite=True)
     train_s = time.perf_counter() - started
     truth, predicted = predict_store(model_dir, work / "query.zarr")
     history = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(model_dir)
     best = next(m for m in reversed(history) if m["best"])
-    return {"variant": variant, "seed": seed, **scores(truth, predicted, RARE_TYPES),
-            "train_s": round(train_s, 1), "epochs_run": len(history), "best_epoch": best["epoch"],
-            "options": dataclasses.asdict(options),
-            "history": [{k: m[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in m}
-                        for m in history]}
+    return {
+        "variant": variant,
+        "seed": seed,
+        **scores(truth, predicted, RARE_TYPES),
+        "train_s": round(train_s, 1),
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "options": dataclasses.asdict(options),
+        "history": [
+            {k: m[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds") if k in m} for m in history
+        ],
+    }
 
 
 def load_results() -> dict[str, Any]:
@@ -239,15 +283,23 @@ def load_results() -> dict[str, Any]:
 def markdown_table(results: dict[str, Any], variants: list[str], settings: list[str]) -> str:
     """Round-2 runs as a markdown table: per variant and setting, mean ± sd over seeds of
     accuracy and macro-F1, the lowest rare-type F1, median training seconds; baselines last."""
-    lines = ["| variant | options over today's `default` | " + " | ".join(
-        f"{s} accuracy | {s} macro-F1 | {s} min rare F1 | {s} train s" for s in settings) + " |",
-        "| --- | --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in settings) + " |"]
+    lines = [
+        "| variant | options over today's `default` | "
+        + " | ".join(f"{s} accuracy | {s} macro-F1 | {s} min rare F1 | {s} train s" for s in settings)
+        + " |",
+        "| --- | --- | " + " | ".join("---: | ---: | ---: | ---:" for _ in settings) + " |",
+    ]
     for variant in variants:
         spec = {k: v for k, v in VARIANTS[variant].items() if k != "recipe" and v != {}}
         cells = []
         for setting in settings:
-            runs = [r for r in results["runs"] if r.get("round") == STUDY_ROUND and r["setting"] == setting
-                    and same_options(r["options"], options_for(variant, r["seed"]))]  # any name
+            runs = [
+                r
+                for r in results["runs"]
+                if r.get("round") == STUDY_ROUND
+                and r["setting"] == setting
+                and same_options(r["options"], options_for(variant, r["seed"]))
+            ]  # any name
             runs = list({r["seed"]: r for r in runs}.values())  # a repeated seed counts once
             if not runs:
                 cells.append("– | – | – | –")
@@ -255,17 +307,20 @@ def markdown_table(results: dict[str, Any], variants: list[str], settings: list[
             acc, f1 = np.array([r["accuracy"] for r in runs]), np.array([r["macro_f1"] for r in runs])
             rare = min(min(r["rare_f1"].values()) for r in runs)
             secs = float(np.median([r["train_s"] for r in runs]))
-            cells.append(f"{acc.mean():.3f} ± {acc.std(ddof=1) if len(runs) > 1 else 0:.3f} | "
-                         f"{f1.mean():.3f} ± {f1.std(ddof=1) if len(runs) > 1 else 0:.3f} (n={len(runs)}) | "
-                         f"{rare:.3f} | {secs:.0f}")
+            cells.append(
+                f"{acc.mean():.3f} ± {acc.std(ddof=1) if len(runs) > 1 else 0:.3f} | "
+                f"{f1.mean():.3f} ± {f1.std(ddof=1) if len(runs) > 1 else 0:.3f} (n={len(runs)}) | "
+                f"{rare:.3f} | {secs:.0f}"
+            )
         change = ", ".join(f"{k}={v}" for k, v in spec.items()) or "—"
         lines.append(f"| {variant} | {change} | " + " | ".join(cells) + " |")
     for name in [b["method"] for b in results["baselines"].get(settings[0], [])]:
         cells = []
         for setting in settings:
             b = next(x for x in results["baselines"][setting] if x["method"] == name)
-            cells.append(f"{b['accuracy']:.3f} | {b['macro_f1']:.3f} | {min(b['rare_f1'].values()):.3f} | "
-                         f"{b['wall_s']:.0f}")
+            cells.append(
+                f"{b['accuracy']:.3f} | {b['macro_f1']:.3f} | {min(b['rare_f1'].values()):.3f} | {b['wall_s']:.0f}"
+            )
         lines.append(f"| {name} (baseline, same split) | — | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -292,9 +347,13 @@ def main() -> None:
         results["baselines"][key] = json.loads((work / "baselines.json").read_text())
         for variant in args.variants.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                if any(r["setting"] == key and r["seed"] == seed
-                       and r.get("round", 1) == STUDY_ROUND and same_options(r["options"], options_for(variant, seed))
-                       for r in results["runs"]):
+                if any(
+                    r["setting"] == key
+                    and r["seed"] == seed
+                    and r.get("round", 1) == STUDY_ROUND
+                    and same_options(r["options"], options_for(variant, seed))
+                    for r in results["runs"]
+                ):
                     continue
                 row = {"setting": key, "round": STUDY_ROUND, **run_one(work, variant, seed)}
                 results = load_results()
@@ -302,9 +361,12 @@ def main() -> None:
                 results["runs"].append(row)
                 OUT.parent.mkdir(parents=True, exist_ok=True)
                 OUT.write_text(json.dumps(results, indent=1) + "\n")
-                print(f"{key:16} {variant:28} {seed:3} acc {row['accuracy']:.3f} F1 {row['macro_f1']:.3f} "
-                      f"rare {min(row['rare_f1'].values()):.3f} {row['train_s']:7.1f}s "
-                      f"ep {row['best_epoch']}/{row['epochs_run']}", flush=True)
+                print(
+                    f"{key:16} {variant:28} {seed:3} acc {row['accuracy']:.3f} F1 {row['macro_f1']:.3f} "
+                    f"rare {min(row['rare_f1'].values()):.3f} {row['train_s']:7.1f}s "
+                    f"ep {row['best_epoch']}/{row['epochs_run']}",
+                    flush=True,
+                )
     for key, base in results["baselines"].items():
         for b in base:
             print(f"{key:16} {b['method']:28} acc {b['accuracy']:.3f} F1 {b['macro_f1']:.3f}")

@@ -53,13 +53,16 @@ class ReferenceHitAnno(nn.Module):
         self.position = nn.Embedding(p + 1, d)
         self.embed_norm = nn.LayerNorm(d, eps=1e-12)
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.level1 = nn.ModuleList(EagerBertLayer(d, config.level1_heads, config.level1_ff, config.dropout)
-                                    for _ in range(config.level1_layers))
+        self.level1 = nn.ModuleList(
+            EagerBertLayer(d, config.level1_heads, config.level1_ff, config.dropout)
+            for _ in range(config.level1_layers)
+        )
         self.cls = nn.Parameter(torch.randn(d) * 0.02)
-        self.level2 = nn.ModuleList(EagerBertLayer(d, config.level2_heads, config.level2_ff, config.dropout)
-                                    for _ in range(config.level2_layers))
-        self.head = nn.Sequential(nn.Linear(d, config.head_hidden), nn.ReLU(),
-                                  nn.Linear(config.head_hidden, t))
+        self.level2 = nn.ModuleList(
+            EagerBertLayer(d, config.level2_heads, config.level2_ff, config.dropout)
+            for _ in range(config.level2_layers)
+        )
+        self.head = nn.Sequential(nn.Linear(d, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, t))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T]`` from dense 0/1 states ``[B, T, P]``."""

@@ -1,4 +1,4 @@
-"""The published preprocessing, written plainly from SPEC.md §1.2–1.3 (benchmark baseline).
+"""The published preprocessing, written plainly from the paper's description (benchmark baseline).
 
 It loads the whole matrix, computes TF-IDF with a Python loop over every non-zero entry
 (as the published code did), ranks peaks per type with a dense one-vs-rest Welch t-test

@@ -56,8 +56,7 @@ def random_batch(n_cells: int, n_positions: int, seed: int) -> tuple[torch.Tenso
 def build(path: str, peaks: int) -> tuple[torch.nn.Module, object]:
     """The model for ``path`` and a function mapping a CSR batch to its logits."""
     torch.manual_seed(0)
-    config = ModelConfig(n_types=N_TYPES, peaks_per_type=peaks,
-                         attention="dense" if path == "dense" else "sparse")
+    config = ModelConfig(n_types=N_TYPES, peaks_per_type=peaks, attention="dense" if path == "dense" else "sparse")
     if path == "reference":
         from bench.reference_model import ReferenceHitAnno
 
@@ -73,6 +72,7 @@ def build(path: str, peaks: int) -> tuple[torch.nn.Module, object]:
 
         def logits(indptr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model(indptr, positions).logits
+
     return model, logits
 
 
@@ -80,12 +80,13 @@ def measure(spec: dict) -> dict:
     """Median cells/s over timed steps (after warm-up), and this process's peak RSS.
 
     Every path runs with the allocator setting ``hitanno train`` uses (all alike)."""
-    from hitanno_cli.allocator import keep_freed_memory
+    from hitanno_cli.host import keep_freed_memory
 
     spec["keep_freed_memory"] = keep_freed_memory()
     model, logits = build(spec["path"], spec["peaks"])
-    batches = [random_batch(spec["batch"], N_TYPES * spec["peaks"], seed)
-               for seed in range(spec["warmup"] + spec["steps"])]
+    batches = [
+        random_batch(spec["batch"], N_TYPES * spec["peaks"], seed) for seed in range(spec["warmup"] + spec["steps"])
+    ]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     if spec["mode"] == "train":
@@ -107,22 +108,28 @@ def measure(spec: dict) -> dict:
                 if i >= spec["warmup"]:
                     times.append(time.perf_counter() - start)
     open_peaks = statistics.fmean(float(b[0][-1]) / spec["batch"] for b in batches)
-    return {**spec, "cells_per_s": spec["batch"] / statistics.median(times),
-            "step_s": times, "open_per_cell": open_peaks,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "base_rss_mb": base_rss}
+    return {
+        **spec,
+        "cells_per_s": spec["batch"] / statistics.median(times),
+        "step_s": times,
+        "open_per_cell": open_peaks,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "base_rss_mb": base_rss,
+    }
 
 
 def run_worker(spec: dict) -> dict:
     """Measure ``spec`` in a fresh interpreter (so peak memory is the measurement's own)."""
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
-def forward_flops_per_cell(path: str, peaks: int, batch: int, open_peaks: float,
-                           d: int = 128, ff: int = 128, hidden: int = 64) -> float:
+def forward_flops_per_cell(
+    path: str, peaks: int, batch: int, open_peaks: float, *, d: int = 128, ff: int = 128, hidden: int = 64
+) -> float:
     """Multiply-adds × 2 of one forward pass per cell (matmuls and attention only)."""
     t = N_TYPES
     finish = 2 * d * d + 4 * d * ff  # out-projection + feed-forward, per token
@@ -170,11 +177,18 @@ def matmul_gflops() -> tuple[float, float | None]:
 # -- the run --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", default="512,2048,4096",
-                        help="sparse-path batch sizes, comma-separated (the sweep uses the first)")
+    parser.add_argument(
+        "--batch-size",
+        default="512,2048,4096",
+        help="sparse-path batch sizes, comma-separated (the sweep uses the first)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats, one round, shorter sweep")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of dense and sparse measurements, interleaved (medians are reported)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of dense and sparse measurements, interleaved (medians are reported)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -196,20 +210,25 @@ def main() -> None:
         flops = forward_flops_per_cell(path, peaks, r["batch"], r["open_per_cell"])
         r["gflop_per_cell"] = flops * (3 if mode == "train" else 1) / 1e9
         r["gflop_per_s"] = r["gflop_per_cell"] * r["cells_per_s"]
-        print(f"  measured {path:9s} {mode:5s} P={peaks:5d} batch {r['batch']:5d}: "
-              f"{r['cells_per_s']:10.2f} cells/s", file=sys.stderr)
+        print(
+            f"  measured {path:9s} {mode:5s} P={peaks:5d} batch {r['batch']:5d}: {r['cells_per_s']:10.2f} cells/s",
+            file=sys.stderr,
+        )
         return r
 
     # the reference once (minutes); dense and sparse in interleaved rounds, so that a ratio is
     # taken between measurements minutes apart at most, and its median over rounds reported
     results = [measured("reference", mode, slow) for mode in ("train", "infer")]
-    rounds = [[measured(path, mode, plan) for path, plan in plans for mode in ("train", "infer")]
-              for _ in range(args.rounds)]
+    rounds = [
+        [measured(path, mode, plan) for path, plan in plans for mode in ("train", "infer")] for _ in range(args.rounds)
+    ]
     results += [median_round([rnd[i] for rnd in rounds]) for i in range(len(rounds[0]))]
 
-    sweep = [measured("sparse", mode, fast, peaks)
-             for peaks in ((64, 625, 2000) if args.quick else (64, 250, 625, 2000, 4000))
-             for mode in ("train", "infer")]
+    sweep = [
+        measured("sparse", mode, fast, peaks)
+        for peaks in ((64, 625, 2000) if args.quick else (64, 250, 625, 2000, 4000))
+        for mode in ("train", "infer")
+    ]
 
     report(results, sweep, gflops_limit, args)
 
@@ -220,15 +239,20 @@ def median_round(runs: list[dict]) -> dict:
     return {**ranked[(len(ranked) - 1) // 2], "cells_per_s_rounds": [r["cells_per_s"] for r in runs]}
 
 
-def report(results: list[dict], sweep: list[dict], gflops_limit: tuple[float, float | None],
-           args: argparse.Namespace) -> None:
+def report(
+    results: list[dict], sweep: list[dict], gflops_limit: tuple[float, float | None], args: argparse.Namespace
+) -> None:
     """Print the tables and write the JSON."""
     by = {(r["path"], r["mode"]): r for r in results}
-    print(f"\nThroughput on CPU ({torch.get_num_threads()} threads), Granja shape "
-          f"{N_TYPES}×{PEAKS}, ~{OPEN_PER_CELL:.0f} open peaks/cell; fp32 GEMM here: {gflops_limit[0]:.1f} GFLOP/s"
-          + (f" through torch's matmul, {gflops_limit[1]:.1f} through oneDNN's kernel" if gflops_limit[1] else ""))
-    print(f"{'path':10s} {'mode':6s} {'batch':>5s} {'cells/s':>10s} {'× ref':>10s} {'× dense':>9s} "
-          f"{'GFLOP/cell':>11s} {'GFLOP/s':>8s} {'peak MB':>8s}")
+    print(
+        f"\nThroughput on CPU ({torch.get_num_threads()} threads), Granja shape "
+        f"{N_TYPES}×{PEAKS}, ~{OPEN_PER_CELL:.0f} open peaks/cell; fp32 GEMM here: {gflops_limit[0]:.1f} GFLOP/s"
+        + (f" through torch's matmul, {gflops_limit[1]:.1f} through oneDNN's kernel" if gflops_limit[1] else "")
+    )
+    print(
+        f"{'path':10s} {'mode':6s} {'batch':>5s} {'cells/s':>10s} {'× ref':>10s} {'× dense':>9s} "
+        f"{'GFLOP/cell':>11s} {'GFLOP/s':>8s} {'peak MB':>8s}"
+    )
     for r in results:
         ref, dense = by[("reference", r["mode"])], by[("dense", r["mode"])]
         r["x_reference"] = r["cells_per_s"] / ref["cells_per_s"]
@@ -237,28 +261,49 @@ def report(results: list[dict], sweep: list[dict], gflops_limit: tuple[float, fl
             r["x_dense"] = statistics.median(r["x_dense_rounds"])
         else:
             r["x_dense"] = r["cells_per_s"] / dense["cells_per_s"]
-        print(f"{r['path']:10s} {r['mode']:6s} {r['batch']:5d} {r['cells_per_s']:10.2f} {r['x_reference']:10.1f} "
-              f"{r['x_dense']:9.1f} {r['gflop_per_cell']:11.4f} {r['gflop_per_s']:8.2f} {r['peak_rss_mb']:8.0f}")
+        print(
+            f"{r['path']:10s} {r['mode']:6s} {r['batch']:5d} {r['cells_per_s']:10.2f} {r['x_reference']:10.1f} "
+            f"{r['x_dense']:9.1f} {r['gflop_per_cell']:11.4f} {r['gflop_per_s']:8.2f} {r['peak_rss_mb']:8.0f}"
+        )
     if args.rounds > 1:
-        print(f"(dense and sparse: median of {args.rounds} interleaved rounds; × dense is the median of the "
-              "within-round ratios)")
-    print(f"\nSparse path, peaks per type swept (batch {args.batch_size}; cost per cell should follow "
-          "open peaks, not P²)")
-    print(f"{'P':>5s} {'open/cell':>9s} {'train c/s':>10s} {'infer c/s':>10s} {'µs/open peak (infer)':>21s} "
-          f"{'P² growth':>10s} {'peak MB':>8s}")
+        print(
+            f"(dense and sparse: median of {args.rounds} interleaved rounds; × dense is the median of the "
+            "within-round ratios)"
+        )
+    print(
+        f"\nSparse path, peaks per type swept (batch {args.batch_size}; cost per cell should follow open peaks, not P²)"
+    )
+    print(
+        f"{'P':>5s} {'open/cell':>9s} {'train c/s':>10s} {'infer c/s':>10s} {'µs/open peak (infer)':>21s} "
+        f"{'P² growth':>10s} {'peak MB':>8s}"
+    )
     first = None
     for peaks in sorted({r["peaks"] for r in sweep}):
         tr = next(r for r in sweep if r["peaks"] == peaks and r["mode"] == "train")
         inf = next(r for r in sweep if r["peaks"] == peaks and r["mode"] == "infer")
         first = first or peaks
         per_open = 1e6 / inf["cells_per_s"] / max(inf["open_per_cell"], 1e-9)
-        print(f"{peaks:5d} {inf['open_per_cell']:9.1f} {tr['cells_per_s']:10.1f} {inf['cells_per_s']:10.1f} "
-              f"{per_open:21.2f} {(peaks / first) ** 2:10.0f} {max(tr['peak_rss_mb'], inf['peak_rss_mb']):8.0f}")
+        print(
+            f"{peaks:5d} {inf['open_per_cell']:9.1f} {tr['cells_per_s']:10.1f} {inf['cells_per_s']:10.1f} "
+            f"{per_open:21.2f} {(peaks / first) ** 2:10.0f} {max(tr['peak_rss_mb'], inf['peak_rss_mb']):8.0f}"
+        )
     out = ROOT / "bench" / "results" / "throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "matmul_gflop_per_s": gflops_limit[0], "onednn_gflop_per_s": gflops_limit[1],
-                               "sparse_batch": args.batch_size, "quick": args.quick, "rounds": args.rounds,
-                               "results": results, "sweep": sweep}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "matmul_gflop_per_s": gflops_limit[0],
+                "onednn_gflop_per_s": gflops_limit[1],
+                "sparse_batch": args.batch_size,
+                "quick": args.quick,
+                "rounds": args.rounds,
+                "results": results,
+                "sweep": sweep,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out.relative_to(ROOT)}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cross-donor annotation on the real Granja 2019 bone-marrow scATAC-seq set: the
-# reference is donor BMMC_D6T1, the query donor BMMC_D5T1 (the setting of
-# ../shared/DATA.md). Needs the data file; writes everything under OUT_DIR.
+# reference is donor BMMC_D6T1, the query donor BMMC_D5T1 (Granja et al. 2019,
+# GEO GSE139369). Needs the data file; writes everything under OUT_DIR.
 #
 #   bash examples/granja_cross_donor.sh [GRANJA.h5ad] [OUT_DIR] [hitanno run options...]
 #

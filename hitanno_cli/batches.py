@@ -16,50 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hitanno_cli.sentences import SentenceStore
+from hitanno_cli.sentences import OpenRows, SentenceStore
 
-#: Default bound on cells held in memory by the shuffle buffer (about 1.3 kB per cell
-#: at Granja's 164 open peaks, so ~260 MB).
+#: Default bound on cells held in memory by the shuffle buffer (8 bytes per open peak:
+#: ~260 MB at 164 open peaks per cell).
 BUFFER_CELLS = 200_000
-
-
-@dataclass
-class OpenRows:
-    """Open panel positions of some cells, as CSR rows (one row per cell)."""
-
-    indptr: np.ndarray  # int64 [n + 1]
-    positions: np.ndarray  # int64 [nnz]
-
-    @property
-    def n(self) -> int:
-        return len(self.indptr) - 1
-
-    def take(self, rows: np.ndarray) -> OpenRows:
-        """The CSR of ``rows`` (in that order), gathered without a Python loop."""
-        starts, stops = self.indptr[rows], self.indptr[rows + 1]
-        lengths = stops - starts
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        offsets = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], lengths)
-        return OpenRows(indptr, self.positions[np.repeat(starts, lengths) + offsets])
-
-    @classmethod
-    def concat(cls, parts: list[OpenRows]) -> OpenRows:
-        """Stack row blocks."""
-        if not parts:
-            return cls(np.zeros(1, np.int64), np.zeros(0, np.int64))
-        sizes = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
-        indptr = np.concatenate([[0]] + [p.indptr[1:] + s for p, s in zip(parts, sizes)])
-        return cls(indptr.astype(np.int64), np.concatenate([p.positions for p in parts]))
-
-
-def open_from_packed(packed: np.ndarray, n_positions: int) -> OpenRows:
-    """Bit-packed sentences (little bit order) → CSR of open positions."""
-    dense = np.unpackbits(packed, axis=1, count=n_positions, bitorder="little")
-    rows, positions = np.nonzero(dense)
-    indptr = np.zeros(packed.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=packed.shape[0]), out=indptr[1:])
-    return OpenRows(indptr, positions.astype(np.int64))
 
 
 @dataclass
@@ -80,9 +41,16 @@ def split_for_rank(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
 class ShuffledCells:
     """Training batches over ``rows`` of a store, shuffled through a bounded buffer."""
 
-    def __init__(self, store: SentenceStore, rows: np.ndarray, targets: np.ndarray,
-                 batch_size: int, buffer_cells: int = BUFFER_CELLS,
-                 class_rates: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        store: SentenceStore,
+        rows: np.ndarray,
+        targets: np.ndarray,
+        *,
+        batch_size: int,
+        buffer_cells: int = BUFFER_CELLS,
+        class_rates: np.ndarray | None = None,
+    ) -> None:
         """``class_rates``: relative sampling rate per class; an epoch then draws its cells
         with replacement at those rates (within each buffer load) instead of permuting them."""
         self.store, self.batch_size = store, batch_size
@@ -111,8 +79,7 @@ class ShuffledCells:
             lo, hi = self.chunk_start[k], self.chunk_stop[k]
             wanted = self.rows[lo:hi]
             first = int(wanted[0])
-            indptr, positions = self.store.read_open(first, int(wanted[-1]) + 1)
-            parts.append(OpenRows(indptr, positions).take(wanted - first))
+            parts.append(self.store.read_open(first, int(wanted[-1]) + 1).take(wanted - first))
         return OpenRows.concat(parts)
 
     def _groups(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -174,8 +141,7 @@ def sequential_batches(store: SentenceStore, rows: np.ndarray | None, batch_size
     for chunk in np.unique(chunk_of):
         wanted = rows[chunk_of == chunk]
         first = int(wanted[0])
-        indptr, positions = store.read_open(first, int(wanted[-1]) + 1)
-        data = OpenRows(indptr, positions).take(wanted - first)
+        data = store.read_open(first, int(wanted[-1]) + 1).take(wanted - first)
         for lo in range(0, len(wanted), batch_size):
             sel = np.arange(lo, min(lo + batch_size, len(wanted)))
             yield Batch(data.take(sel), wanted[sel], None)

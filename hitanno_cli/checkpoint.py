@@ -7,6 +7,8 @@ A trained model is a directory::
     model/panel.json          a copy of the panel, verified against that hash on load
     model/metrics.jsonl       one line per epoch
     model/train_config.json   the training options, for people and for --resume
+    model/adaptation.json     only for a model self-trained on a query (train --adapt-to)
+    model/resume/             only for an interrupted run: its resumable state
 
 Nothing here unpickles: a model file from someone else cannot run code.
 """
@@ -56,8 +58,16 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in inner.state_dict().items()}
 
 
-def save_model(directory: Path, model: torch.nn.Module, config: ModelConfig, class_names: list[str],
-               panel: Panel, params: dict[str, Any], inputs: dict[str, str]) -> None:
+def save_model(
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    config: ModelConfig,
+    class_names: list[str],
+    panel: Panel,
+    params: dict[str, Any],
+    inputs: dict[str, str],
+) -> None:
     """Write ``model.safetensors`` (weights + metadata) and ``panel.json`` into ``directory``."""
     header = artifacts.make_header(artifacts.MODEL, params, inputs)
     metadata = {
@@ -77,7 +87,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err})", "re-create it with hitanno train") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({err})", "re-create it with hitanno train"
+        ) from None
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -85,7 +97,11 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> Loa
     directory = Path(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
-        hint = " (it holds an interrupted run: finish it with hitanno train --resume)" if (directory / RESUME).is_dir() else ""
+        hint = (
+            " (it holds an interrupted run: finish it with hitanno train --resume)"
+            if (directory / RESUME).is_dir()
+            else ""
+        )
         raise UserError(f"model {directory} has no {WEIGHTS}{hint}", "pass a directory written by hitanno train")
     meta = read_metadata(weights)
     try:
@@ -101,16 +117,38 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> Loa
         raise UserError(f"{weights} has damaged metadata ({err})", "re-create it with hitanno train") from None
     panel = Panel.load(directory / PANEL)
     if panel.content_hash != panel_hash:
-        raise UserError(f"{directory / PANEL} is not the panel {weights} was trained with",
-                        "restore the panel.json written by hitanno train")
+        raise UserError(
+            f"{directory / PANEL} is not the panel {weights} was trained with",
+            "restore the panel.json written by hitanno train",
+        )
     model = HitAnno(config)
     try:
         model.load_state_dict(load_file(str(weights)))
     except (RuntimeError, SafetensorError) as err:
-        raise UserError(f"{weights} does not match its model config ({str(err).splitlines()[0]})",
-                        "re-create it with hitanno train") from None
+        raise UserError(
+            f"{weights} does not match its model config ({str(err).splitlines()[0]})", "re-create it with hitanno train"
+        ) from None
     model.to(device).eval()
     return LoadedModel(model, config, class_names, panel, header, artifacts.sha256_file(weights))
+
+
+# -- the adaptation record ---------------------------------------------------------------
+def write_adaptation(directory: Path, *, params: dict[str, Any], inputs: dict[str, str], **record: Any) -> None:
+    """Write ``adaptation.json``: which query a self-trained model adapted to, and how."""
+    header = artifacts.make_header(artifacts.ADAPTATION, params, inputs)
+    artifacts.write_json(directory / ADAPTATION, {"header": header, **record})
+
+
+def read_adaptation(directory: Path) -> dict[str, Any] | None:
+    """The adaptation record of a model directory; None for a model trained on a reference only."""
+    path = Path(directory) / ADAPTATION
+    if not path.is_file():
+        return None
+    record = artifacts.read_json(path, "adaptation record")
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not an adaptation record", "re-create the model with hitanno train --adapt-to")
+    artifacts.check_header(record.get("header"), artifacts.ADAPTATION, path)
+    return record
 
 
 # -- resumable state -------------------------------------------------------------------------
@@ -162,11 +200,14 @@ def load_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     """Read the resumable state of an interrupted run in ``directory``."""
     resume = directory / RESUME
     if not (resume / "state.json").is_file() or not (resume / "state.safetensors").is_file():
-        raise UserError(f"{directory} holds no resumable state ({RESUME}/ is missing)",
-                        "run hitanno train without --resume")
+        raise UserError(
+            f"{directory} holds no resumable state ({RESUME}/ is missing)", "run hitanno train without --resume"
+        )
     state = artifacts.read_json(resume / "state.json", "resume state")
     try:
         tensors = load_file(str(resume / "state.safetensors"))
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{resume / 'state.safetensors'} is unreadable ({err})", "start over with --overwrite") from None
+        raise UserError(
+            f"{resume / 'state.safetensors'} is unreadable ({err})", "start over with --overwrite"
+        ) from None
     return tensors, state

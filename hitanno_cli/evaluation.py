@@ -1,4 +1,4 @@
-"""Scoring predictions against known labels (SPEC §1.6), with scikit-learn's metrics.
+"""``evaluate``: scoring predictions against known labels, with scikit-learn's metrics.
 
 Cells whose true type the reference never had ("unseen") and cells left ``Unassigned``
 are reported apart: neither silently counts as an error of a known type. The headline
@@ -9,14 +9,11 @@ wrong, for a coverage-aware figure.
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -27,45 +24,10 @@ from sklearn.metrics import (
 
 from hitanno_cli import artifacts
 from hitanno_cli.errors import UserError
+from hitanno_cli.predictions import UNASSIGNED, read_embeddings, read_predictions
 
-UNASSIGNED = artifacts.UNASSIGNED
+#: The metrics a summary shows first.
 HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_unassigned")
-
-
-@dataclass
-class Predictions:
-    """What ``predict`` wrote: per-cell labels, the model's classes, and the folder."""
-
-    cell_ids: np.ndarray
-    predicted: np.ndarray
-    probability: np.ndarray
-    class_names: list[str]
-    directory: Path
-
-
-def read_predictions(path: str | Path) -> Predictions:
-    """Read ``predictions.csv`` and the class names stored beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"predictions file {path} does not exist", "pass the predictions.csv written by hitanno predict")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"cell_id", "predicted"} <= set(rows[0]):
-        raise UserError(f"{path} is not a hitanno predictions.csv (needs cell_id and predicted columns)",
-                        "pass the predictions.csv written by hitanno predict")
-    ids = np.array([r["cell_id"] for r in rows], dtype=object)
-    predicted = np.array([r["predicted"] for r in rows], dtype=object)
-    probability = np.array([float(r.get("probability") or "nan") for r in rows])
-    classes = _class_names(path.parent) or sorted(set(predicted) - {UNASSIGNED})
-    return Predictions(ids, predicted, probability, classes, path.parent)
-
-
-def _class_names(directory: Path) -> list[str] | None:
-    store = directory / "probabilities.zarr"
-    if not (store / "zarr.json").is_file():
-        return None
-    meta = dict(zarr.open_group(store, mode="r").attrs).get("hitanno", {})
-    return list(meta.get("class_names") or []) or None
 
 
 def align_truth(cell_ids: np.ndarray, truth_ids: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -93,8 +55,11 @@ def score(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[
         "unassigned": {"n": int(unassigned.sum()), "by_true_type": dict(Counter(truth[unassigned].tolist()))},
     }
     if not scored.any():  # e.g. every cell Unassigned: a valid, if empty, result
-        out.update({key: None for key in HEADLINE}, per_type={},
-                   confusion={"labels": [], "rows": "true", "columns": "predicted", "matrix": []})
+        out.update(
+            {key: None for key in HEADLINE},
+            per_type={},
+            confusion={"labels": [], "rows": "true", "columns": "predicted", "matrix": []},
+        )
         return out
     y, p = truth[scored].astype(str), predicted[scored].astype(str)
     labels = [c for c in classes if c in set(y) | set(p)]
@@ -109,8 +74,12 @@ def score(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[
             name: {"precision": float(pr), "recall": float(rc), "f1": float(f), "support": int(s)}
             for name, pr, rc, f, s in zip(labels, precision, recall, f1, support)
         },
-        confusion={"labels": labels, "rows": "true", "columns": "predicted",
-                   "matrix": confusion_matrix(y, p, labels=labels).tolist()},
+        confusion={
+            "labels": labels,
+            "rows": "true",
+            "columns": "predicted",
+            "matrix": confusion_matrix(y, p, labels=labels).tolist(),
+        },
     )
     return out
 
@@ -127,16 +96,20 @@ def _breakdown(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
 def read_truth(path: str | Path, label_key: str | None) -> tuple[np.ndarray, np.ndarray]:
     """``(cell_ids, labels)`` from a labelled sentence store or an ``.h5ad``."""
     path = Path(path)
-    if (path / "zarr.json").is_file():
+    if artifacts.kind_of(path) == artifacts.SENTENCES:
         from hitanno_cli.sentences import SentenceStore
 
         store = SentenceStore(path)
         labels = store.labels()
         if labels is None:
-            raise UserError(f"{path} was encoded without labels", "pass the query .h5ad with --label-key, or re-encode with -l")
+            raise UserError(
+                f"{path} was encoded without labels", "pass the query .h5ad with --label-key, or re-encode with -l"
+            )
         return store.cell_ids(), labels
     if label_key is None:
-        raise UserError("--truth is an .h5ad but no --label-key was given", "pass --label-key with the obs column of true types")
+        raise UserError(
+            "--truth is an .h5ad but no --label-key was given", "pass --label-key with the obs column of true types"
+        )
     from hitanno_cli.h5ad import H5ad
 
     with H5ad(path) as h5:
@@ -144,27 +117,26 @@ def read_truth(path: str | Path, label_key: str | None) -> tuple[np.ndarray, np.
         return h5.obs_names().astype(object), labels
 
 
-def read_embeddings(directory: Path, cell_ids: np.ndarray) -> np.ndarray | None:
-    """The cell embeddings ``predict`` wrote beside the predictions, row-aligned; None if absent."""
-    store = directory / "embeddings.zarr"
-    if not (store / "zarr.json").is_file():
-        return None
-    group = zarr.open_group(store, mode="r")
-    ids = group["cell_ids"][:].astype(object)
-    if len(ids) != len(cell_ids) or not np.array_equal(ids, cell_ids):
-        return None
-    return np.asarray(group["embeddings"][:], dtype=np.float32)
-
-
 #: Cells drawn for the 2-D map (it is a picture: more would only slow it down).
 MAP_CELLS = 30_000
 
 
-def evaluate(predictions: Path, truth: Path, label_key: str | None, out: Path,
-             overwrite: bool = False, embedding_map: bool = True) -> dict[str, Any]:
-    """Score ``predictions`` against ``truth`` and write ``out/`` (metrics, PNGs, report.html)."""
+def evaluate(
+    predictions: str | Path,
+    *,
+    truth: str | Path,
+    output: str | Path,
+    label_key: str | None = None,
+    embedding_map: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Score ``predictions`` against ``truth``; write the report directory ``output``
+    (metrics.json, pictures, report.html) and return the metrics."""
     from hitanno_cli import report  # matplotlib: imported only when pictures are drawn
+    from hitanno_cli.plotting import two_d
 
+    predictions, truth, out = Path(predictions), Path(truth), Path(output)
+    artifacts.refuse_existing(out, overwrite)
     preds = read_predictions(predictions)
     truth_ids, truth_labels = read_truth(truth, label_key)
     truth_aligned = align_truth(preds.cell_ids, truth_ids, truth_labels)
@@ -174,22 +146,30 @@ def evaluate(predictions: Path, truth: Path, label_key: str | None, out: Path,
     with artifacts.atomic_dir(out, overwrite) as tmp:
         images = []
         if metrics["per_type"]:
-            images += [(report.confusion_heatmap(metrics, tmp / "confusion.png"), "Confusion matrix, row-normalised"),
-                       (report.f1_bars(metrics, tmp / "f1_per_type.png"), "Per-type F1, ordered by type size")]
+            images += [
+                (report.confusion_heatmap(metrics, tmp / "confusion.png"), "Confusion matrix, row-normalised"),
+                (report.f1_bars(metrics, tmp / "f1_per_type.png"), "Per-type F1, ordered by type size"),
+            ]
         embeddings = read_embeddings(preds.directory, preds.cell_ids) if embedding_map else None
         if embeddings is not None:
             pick = np.random.default_rng(0).permutation(len(embeddings))[:MAP_CELLS]
-            coords, method = report.two_d(embeddings[pick])
+            coords, method = two_d(embeddings[pick])
             metrics["embedding_map"] = method
-            images.append((report.embedding_map(coords, truth_aligned[pick], preds.predicted[pick], method,
-                                                tmp / "embedding_map.png"), f"{method}: true and predicted types"))
+            picture = report.embedding_map(
+                coords, truth_aligned[pick], preds.predicted[pick], method, tmp / "embedding_map.png"
+            )
+            caption = "true and predicted types" + ("" if method == "UMAP" else " (umap-learn is not installed)")
+            images.append((picture, f"{method}: {caption}"))
         artifacts.write_json(tmp / "metrics.json", metrics)
-        report.write_html(metrics, images, tmp / "report.html", f"hitanno evaluation: {predictions}")
+        report.write_html(
+            metrics, images, tmp / "report.html", title=f"hitanno evaluation: {predictions}", headline=HEADLINE
+        )
     return metrics
 
 
 def _identity(path: Path) -> str:
-    if (path / "zarr.json").is_file():
+    """The content hash of the truth: a store's own, else the file's."""
+    if artifacts.kind_of(path) == artifacts.SENTENCES:
         from hitanno_cli.sentences import SentenceStore
 
         return SentenceStore(path).content_hash

@@ -1,4 +1,4 @@
-"""Attention for interpretation (SPEC §1.6): what a trained model looks at, per cell type.
+"""``explain``: what a trained model attends to, per predicted cell type.
 
 Cells are grouped by their *predicted* type. Per group the head-averaged attention is
 averaged over cells:
@@ -26,9 +26,9 @@ from hitanno_cli import artifacts, console
 from hitanno_cli.batches import sequential_batches
 from hitanno_cli.checkpoint import LoadedModel, load_model
 from hitanno_cli.errors import UserError
+from hitanno_cli.plotting import pyplot
+from hitanno_cli.runtime import autocast, resolve_device, to_device
 from hitanno_cli.sentences import SentenceStore
-from hitanno_cli.training import autocast, resolve_device
-
 
 
 class AttentionSums:
@@ -52,20 +52,23 @@ class AttentionSums:
 
 
 @torch.no_grad()
-def collect(loaded: LoadedModel, store: SentenceStore, rows: np.ndarray | None, batch_size: int,
-            device: torch.device) -> AttentionSums:
+def collect(
+    loaded: LoadedModel, store: SentenceStore, rows: np.ndarray | None, batch_size: int, device: torch.device
+) -> AttentionSums:
     """Run the model with attention over the chosen cells and sum it per predicted type."""
     sums = AttentionSums(loaded.config.n_types, loaded.config.peaks_per_type)
     total = store.n_cells if rows is None else len(rows)
     with console.progress("explain", total) as bar:
         for batch in sequential_batches(store, rows, batch_size):
-            indptr = torch.from_numpy(batch.open.indptr).to(device)
-            positions = torch.from_numpy(batch.open.positions).to(device)
+            indptr, positions = to_device(batch.open, device)
             with autocast(device, "auto"):
                 out = loaded.model(indptr, positions, return_attention=True)
             predicted = out.logits.float().argmax(1).cpu().numpy()
-            sums.add(predicted, out.level1_attention.float().cpu().numpy().astype(np.float64),
-                     out.level2_attention.float().cpu().numpy().astype(np.float64))
+            sums.add(
+                predicted,
+                out.level1_attention.float().cpu().numpy().astype(np.float64),
+                out.level2_attention.float().cpu().numpy().astype(np.float64),
+            )
             bar.advance(len(batch.rows))
     return sums
 
@@ -75,15 +78,24 @@ def write_top_peaks(path: Path, loaded: LoadedModel, sums: AttentionSums, level1
     names = loaded.class_names
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["predicted_type", "n_cells", "peak_set", "rank", "peak", "chrom", "start", "end",
-                         "attention"])
+        writer.writerow(["predicted_type", "n_cells", "peak_set", "rank", "peak", "chrom", "start", "end", "attention"])
         for c in np.flatnonzero(sums.cells):
             for t, peak_set in enumerate(loaded.panel.sets):
                 order = np.argsort(-level1[c, t], kind="stable")[:top]
                 for rank, j in enumerate(order, start=1):
-                    writer.writerow([names[c], sums.cells[c], peak_set.cell_type, rank, peak_set.names[j],
-                                     peak_set.chrom[j], peak_set.start[j], peak_set.end[j],
-                                     f"{level1[c, t, j]:.6g}"])
+                    writer.writerow(
+                        [
+                            names[c],
+                            sums.cells[c],
+                            peak_set.cell_type,
+                            rank,
+                            peak_set.names[j],
+                            peak_set.chrom[j],
+                            peak_set.start[j],
+                            peak_set.end[j],
+                            f"{level1[c, t, j]:.6g}",
+                        ]
+                    )
 
 
 def write_level2(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: np.ndarray) -> None:
@@ -106,11 +118,7 @@ def write_level2(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: np
 
 def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: np.ndarray) -> None:
     """``level2_cls.png`` (CLS → sets per predicted type) and one level-2 map per type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names, predicted = loaded.class_names, np.flatnonzero(sums.cells)
     tokens = ["CLS"] + names
     size = max(4.0, 0.35 * len(tokens) + 2)
@@ -133,7 +141,7 @@ def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: n
         ax.set_title(f"{names[c]} (n={sums.cells[c]})", fontsize=8)
         ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
         ax.set_yticks(range(len(tokens)), tokens, fontsize=5)
-    for ax in list(axes.flat)[len(predicted):]:
+    for ax in list(axes.flat)[len(predicted) :]:
         ax.axis("off")
     fig.suptitle("level-2 attention among [CLS, peak sets] (row attends to column)")
     fig.tight_layout()
@@ -141,18 +149,28 @@ def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: n
     plt.close(fig)
 
 
-def explain(model_dir: str | Path, sentences: str | Path, out: str | Path, top_peaks: int = 20,
-            max_cells: int | None = None, batch_size: int = 128, seed: int = 0, device: str = "auto",
-            gpu: int | None = None, overwrite: bool = False) -> Path:
-    """Write mean attention per predicted type for the cells of a sentence store."""
+def explain(
+    model: str | Path,
+    *,
+    sentences: str | Path,
+    output: str | Path,
+    top_peaks: int = 20,
+    max_cells: int | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+    device: str = "auto",
+    gpu: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the mean attention per predicted type of a sentence store's cells to ``output``."""
     if top_peaks < 1:
         raise UserError("--top-peaks must be at least 1", "e.g. --top-peaks 20")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1", "e.g. --batch-size 128")
-    out = Path(out)
+    out = Path(output)
     artifacts.refuse_existing(out, overwrite)
     chosen = resolve_device(device, gpu)
-    loaded = load_model(model_dir, chosen)
+    loaded = load_model(model, chosen)
     store = SentenceStore(sentences)
     store.check_panel(loaded.panel.content_hash)
     rows = None
@@ -167,8 +185,10 @@ def explain(model_dir: str | Path, sentences: str | Path, out: str | Path, top_p
         write_top_peaks(tmp / "level1_top_peaks.csv", loaded, sums, level1, top)
         write_level2(tmp, loaded, sums, level2)
         plot_heatmaps(tmp, loaded, sums, level2)
-        summary = {"header": artifacts.make_header(artifacts.ATTENTION, params, inputs),
-                   "cells_per_predicted_type": {loaded.class_names[c]: int(n) for c, n in enumerate(sums.cells)}}
+        summary = {
+            "header": artifacts.make_header(artifacts.ATTENTION, params, inputs),
+            "cells_per_predicted_type": {loaded.class_names[c]: int(n) for c, n in enumerate(sums.cells)},
+        }
         artifacts.write_json(tmp / "summary.json", summary)
     console.info(f"explain: attention of {int(sums.cells.sum())} cells → {out}")
     return out

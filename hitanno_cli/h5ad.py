@@ -7,7 +7,6 @@ straight from HDF5. ``obs`` and ``var`` are small and are read whole.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +20,9 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 
 from hitanno_cli.errors import UserError
+from hitanno_cli.host import usable_cores
 
-try:  # Intel ISA-L inflates the same deflate streams ~2× faster than zlib
+try:  # Intel ISA-L inflates the same deflate streams faster than zlib
     from isal.isal_zlib import decompress as inflate
 except ImportError:  # a platform without an isal wheel: the standard library's zlib
     from zlib import decompress as inflate
@@ -51,8 +51,7 @@ class H5ad:
             what = ", ".join(missing + ([matrix_key] if matrix_key not in self._file else []))
             raise UserError(
                 f"input {self.path} is not an AnnData .h5ad file (no {what})",
-                "pass an AnnData file written by anndata.write_h5ad"
-                + (" or a --layer that exists" if layer else ""),
+                "pass an AnnData file written by anndata.write_h5ad" + (" or a --layer that exists" if layer else ""),
             )
         self._matrix = self._file[matrix_key]
         self._matrix_name = matrix_key
@@ -84,8 +83,7 @@ class H5ad:
             return "csr"
         if encoding == "csc_matrix":
             raise UserError(
-                f"{self.path}: {self._matrix_name} is stored column-major (CSC), which cannot be "
-                "streamed by cells",
+                f"{self.path}: {self._matrix_name} is stored column-major (CSC), which cannot be streamed by cells",
                 "rewrite it row-major: adata.X = adata.X.tocsr(); adata.write_h5ad(...)",
             )
         raise UserError(
@@ -232,11 +230,6 @@ def _deflate_only(dataset: h5py.Dataset) -> bool:
     return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @cache
 def _inflate_pool() -> ThreadPoolExecutor | None:
     """Two threads for decompression, or None on a single core (ISA-L and zlib release the GIL)."""
@@ -247,8 +240,7 @@ def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray
     """``[d[a:b] for d in datasets]``, inflating gzip chunks on two cores where that pays.
 
     h5py decompresses under one lock; reading the raw chunks and inflating them with
-    ISA-L (or zlib) in two threads makes select-peaks' and encode's reads of Granja
-    ~1.5× faster (zlib) and ISA-L's inflate another ~1.5–2×.
+    ISA-L (or zlib) in two threads, both of which release the GIL, uses the second core.
     Anything but plain deflate-compressed 1-D chunks is read by h5py as usual.
     """
     pool = _inflate_pool()

@@ -1,4 +1,4 @@
-"""The peak panel: ordered cell types, each with its set of marker peaks (SPEC §1.2).
+"""The peak panel: ordered cell types, each with its set of marker peaks.
 
 Written by ``select-peaks`` as JSON, read by ``encode``, ``train`` and ``predict``.
 The panel's identity is the hash of its content, stored in the file and re-checked on

@@ -52,61 +52,152 @@ class RunSettings:
     pseudo_label_fraction: float | None = None  # self-train on the query (train --adapt-to) when set
 
 
+#: What each stage writes, inside the run's folder.
+OUTPUTS = {
+    "select-peaks": "panel.json",
+    "encode-reference": "reference.zarr",
+    "encode-query": "query.zarr",
+    "train": "model",
+    "predict": "predictions",
+    "evaluate": "report",
+}
+
+
 def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSettings) -> list[Stage]:
     """The stages of a run, in order (evaluate only when the query carries labels)."""
+    from hitanno_cli import predictions as predictions_format
     from hitanno_cli.evaluation import evaluate
     from hitanno_cli.h5ad import H5ad
     from hitanno_cli.prediction import predict
     from hitanno_cli.selection import select_peaks
-    from hitanno_cli.sentences import encode
     from hitanno_cli.training import TrainOptions
 
     with H5ad(query) as h5:
         query_labelled = label_key in h5.obs_columns()
     query_key = label_key if query_labelled else None
-    panel, ref_zarr, query_zarr = out / "panel.json", out / "reference.zarr", out / "query.zarr"
-    model, predictions, report = out / "model", out / "predictions", out / "report"
+    path = {stage: out / name for stage, name in OUTPUTS.items()}
+    panel, ref_zarr, query_zarr = path["select-peaks"], path["encode-reference"], path["encode-query"]
+    model, predictions, report = path["train"], path["predict"], path["evaluate"]
     options = settings.train or TrainOptions()
     device = {"device": settings.device, "gpu": settings.gpu}
-    select = {"label_key": label_key, "peaks_per_type": settings.peaks_per_type,
-              "min_cells": settings.min_cells, "exclude_types": sorted(settings.exclude_types)}
+    select = {
+        "label_key": label_key,
+        "peaks_per_type": settings.peaks_per_type,
+        "min_cells": settings.min_cells,
+        "exclude_types": sorted(settings.exclude_types),
+    }
+    coverage = settings.min_coverage
+
+    def make_panel() -> None:
+        chosen = select_peaks(
+            ref,
+            label_key=label_key,
+            peaks_per_type=settings.peaks_per_type,
+            min_cells=settings.min_cells,
+            exclude_types=settings.exclude_types,
+        )
+        chosen.save(panel, overwrite=True)
+
     stages = [
-        Stage("select-peaks", panel, select, [], files=[ref],
-              make=lambda: select_peaks(ref, label_key, settings.peaks_per_type, settings.min_cells,
-                                        settings.exclude_types).save(panel, overwrite=True)),
-        Stage("encode-reference", ref_zarr, {"label_key": label_key, "min_coverage": settings.min_coverage},
-              ["select-peaks"], files=[ref],
-              make=lambda: encode(ref, panel, ref_zarr, label_key, settings.min_coverage, overwrite=True)),
-        Stage("encode-query", query_zarr, {"label_key": query_key, "min_coverage": settings.min_coverage},
-              ["select-peaks"], files=[query],
-              make=lambda: encode(query, panel, query_zarr, query_key, settings.min_coverage, overwrite=True)),
-        train_stage(ref_zarr, query_zarr, panel, model, options, settings.pseudo_label_fraction, device),
-        Stage("predict", predictions, {"min_confidence": settings.min_confidence}, ["train", "encode-query"],
-              make=lambda: predict(model, predictions, sentences=query_zarr,
-                                   min_confidence=settings.min_confidence, overwrite=True, **device)),
+        Stage("select-peaks", panel, select, [], files=[ref], make=make_panel),
+        encode_stage("encode-reference", ref, output=ref_zarr, panel=panel, label_key=label_key, coverage=coverage),
+        encode_stage("encode-query", query, output=query_zarr, panel=panel, label_key=query_key, coverage=coverage),
+        train_stage(
+            ref_zarr=ref_zarr,
+            query_zarr=query_zarr,
+            panel=panel,
+            model=model,
+            options=options,
+            fraction=settings.pseudo_label_fraction,
+            device=device,
+        ),
+        Stage(
+            "predict",
+            predictions,
+            {"min_confidence": settings.min_confidence},
+            ["train", "encode-query"],
+            make=lambda: predict(
+                model,
+                output=predictions,
+                sentences=query_zarr,
+                min_confidence=settings.min_confidence,
+                overwrite=True,
+                **device,
+            ),
+        ),
     ]
     if query_labelled:
-        stages.append(Stage("evaluate", report, {}, ["predict", "encode-query"],
-                            make=lambda: evaluate(predictions / "predictions.csv", query_zarr, None, report,
-                                                  overwrite=True)))
+        stages.append(
+            Stage(
+                "evaluate",
+                report,
+                {},
+                ["predict", "encode-query"],
+                make=lambda: evaluate(
+                    predictions / predictions_format.CSV, truth=query_zarr, output=report, overwrite=True
+                ),
+            )
+        )
     else:
         console.info(f"run: the query has no '{label_key}' column; evaluate is skipped")
     return stages
 
 
-def train_stage(ref_zarr: Path, query_zarr: Path, panel: Path, model: Path, options: Any,
-                fraction: float | None, device: dict[str, Any]) -> Stage:
+def encode_stage(name: str, data: Path, *, output: Path, panel: Path, label_key: str | None, coverage: float) -> Stage:
+    """An encode stage: ``data`` through the run's panel into ``output``."""
+    from hitanno_cli.sentences import encode
+
+    params = {"label_key": label_key, "min_coverage": coverage}
+    return Stage(
+        name,
+        output,
+        params,
+        ["select-peaks"],
+        files=[data],
+        make=lambda: encode(
+            data, panel=panel, output=output, overwrite=True, label_key=label_key, min_coverage=coverage
+        ),
+    )
+
+
+def train_stage(
+    *,
+    ref_zarr: Path,
+    query_zarr: Path,
+    panel: Path,
+    model: Path,
+    options: Any,
+    fraction: float | None,
+    device: dict[str, Any],
+) -> Stage:
     """The train stage: on the reference, or self-trained on the query as well."""
     from hitanno_cli.adaptation import self_train
     from hitanno_cli.training import train
 
     if fraction is None:
-        return Stage("train", model, {"options": asdict(options)}, ["encode-reference"],
-                     make=lambda: train(ref_zarr, panel, model, options, overwrite=True, **device))
-    return Stage("train", model, {"options": asdict(options), "pseudo_label_fraction": fraction},
-                 ["encode-reference", "encode-query"],
-                 make=lambda: self_train(ref_zarr, query_zarr, panel, model, options, fraction, overwrite=True,
-                                         **device))
+        return Stage(
+            "train",
+            model,
+            {"options": asdict(options)},
+            ["encode-reference"],
+            make=lambda: train(ref_zarr, panel=panel, output=model, options=options, overwrite=True, **device),
+        )
+    return Stage(
+        "train",
+        model,
+        {"options": asdict(options), "pseudo_label_fraction": fraction},
+        ["encode-reference", "encode-query"],
+        make=lambda: self_train(
+            ref_zarr,
+            query=query_zarr,
+            panel=panel,
+            output=model,
+            options=options,
+            fraction=fraction,
+            overwrite=True,
+            **device,
+        ),
+    )
 
 
 def fingerprints(stages: list[Stage]) -> dict[str, str]:
@@ -117,25 +208,37 @@ def fingerprints(stages: list[Stage]) -> dict[str, str]:
         for path in stage.files:
             if path not in file_hash:
                 file_hash[path] = artifacts.sha256_file(path)
-        out[stage.name] = artifacts.sha256_json({
-            "stage": stage.name,
-            "params": stage.params,
-            "files": [file_hash[p] for p in stage.files],
-            "upstream": [out[name] for name in stage.upstream],
-        })
+        out[stage.name] = artifacts.sha256_json(
+            {
+                "stage": stage.name,
+                "params": stage.params,
+                "files": [file_hash[p] for p in stage.files],
+                "upstream": [out[name] for name in stage.upstream],
+            }
+        )
     return out
 
 
-def run(ref: Path, query: Path, label_key: str, out: Path, settings: RunSettings,
-        from_stage: str | None = None) -> dict[str, Any]:
-    """Run the stages that are out of date; return the manifest written to ``run.json``."""
+def run(
+    ref: str | Path,
+    *,
+    query: str | Path,
+    label_key: str,
+    output: str | Path,
+    settings: RunSettings | None = None,
+    from_stage: str | None = None,
+) -> dict[str, Any]:
+    """Run the stages whose outputs in ``output`` are out of date; return the manifest
+    written to ``run.json``."""
+    ref, query, out = Path(ref), Path(query), Path(output)
+    settings = RunSettings() if settings is None else settings
     if from_stage is not None and from_stage not in STAGES:
         raise UserError(f"--from {from_stage} is not a stage", f"use one of: {', '.join(STAGES)}")
     out.mkdir(parents=True, exist_ok=True)
     stages = plan(ref, query, label_key, out, settings)
     prints = fingerprints(stages)
     manifest = _read_manifest(out)
-    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+    forced = STAGES[STAGES.index(from_stage) :] if from_stage else ()
     for stage in stages:
         previous = manifest["stages"].get(stage.name, {})
         fresh = stage.output.exists() and previous.get("fingerprint") == prints[stage.name]

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from hitanno_cli.plotting import pyplot
 
-from hitanno_cli.evaluation import HEADLINE  # noqa: E402
+plt = pyplot()
 
 
 def _types_by_size(metrics: dict[str, Any]) -> list[str]:
@@ -45,8 +44,15 @@ def confusion_heatmap(metrics: dict[str, Any], path: Path) -> Path:
         for i in range(len(names)):
             for j in range(len(names)):
                 if norm[i, j] >= 0.01:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if norm[i, j] > 0.6 else "black",
+                    )
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true type")
     ax.set_title("Confusion matrix (row-normalised)")
     return _save(fig, path)
@@ -85,19 +91,7 @@ def embedding_map(coords: np.ndarray, truth: np.ndarray, predicted: np.ndarray, 
     return _save(fig, path)
 
 
-def two_d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """A 2-D map: UMAP when the optional ``umap-learn`` is installed, PCA otherwise."""
-    try:
-        import umap  # type: ignore[import-not-found]
-
-        return umap.UMAP(random_state=seed).fit_transform(embeddings), "UMAP"
-    except ImportError:
-        from sklearn.decomposition import PCA
-
-        return PCA(n_components=2, random_state=seed).fit_transform(embeddings), "PCA (umap-learn not installed)"
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -110,13 +104,22 @@ def _fmt(value: float | None) -> str:
 
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    text = html.escape(alt)
+    return f'<figure><img alt="{text}" src="data:image/png;base64,{data}"><figcaption>{text}</figcaption></figure>'
 
 
-def write_html(metrics: dict[str, Any], images: list[tuple[Path, str]], path: Path, title: str) -> Path:
-    """One self-contained HTML page: headline table, per-type table, pictures, apart-sets."""
+def _called(counts: dict[str, int]) -> str:
+    """``"B: 7, C: 2"``: what cells were called, most often first."""
+    return ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def write_html(
+    metrics: dict[str, Any], images: list[tuple[Path, str]], path: Path, *, title: str, headline: Sequence[str]
+) -> Path:
+    """One self-contained HTML page: the ``headline`` metrics, per-type table, pictures,
+    and the cells reported apart (unseen types, Unassigned)."""
     e = html.escape
-    head_rows = "".join(f"<tr><th>{e(k)}</th><td>{_fmt(metrics[k])}</td></tr>" for k in HEADLINE)
+    head_rows = "".join(f"<tr><th>{e(k)}</th><td>{_fmt(metrics[k])}</td></tr>" for k in headline)
     head_rows += f"<tr><th>cells scored</th><td>{metrics['n_scored']} of {metrics['n_cells']}</td></tr>"
     per_type = metrics["per_type"]
     type_rows = "".join(
@@ -125,14 +128,18 @@ def write_html(metrics: dict[str, Any], images: list[tuple[Path, str]], path: Pa
         for t in _types_by_size(metrics)
     )
     unseen = metrics["unseen_types"]
-    unseen_rows = "".join(
-        f"<tr><td>{e(t)}</td><td>{v['n']}</td><td>{e(', '.join(f'{k}: {n}' for k, n in sorted(v['predicted_as'].items(), key=lambda kv: -kv[1])))}</td></tr>"
-        for t, v in unseen["by_type"].items()
-    ) or "<tr><td colspan=3>none</td></tr>"
+    unseen_rows = (
+        "".join(
+            f"<tr><td>{e(t)}</td><td>{v['n']}</td><td>{e(_called(v['predicted_as']))}</td></tr>"
+            for t, v in unseen["by_type"].items()
+        )
+        or "<tr><td colspan=3>none</td></tr>"
+    )
     unassigned = metrics["unassigned"]
-    unassigned_rows = "".join(
-        f"<tr><td>{e(t)}</td><td>{n}</td></tr>" for t, n in sorted(unassigned["by_true_type"].items())
-    ) or "<tr><td colspan=2>none</td></tr>"
+    unassigned_rows = (
+        "".join(f"<tr><td>{e(t)}</td><td>{n}</td></tr>" for t, n in sorted(unassigned["by_true_type"].items()))
+        or "<tr><td colspan=2>none</td></tr>"
+    )
     figures = "".join(_img(p, alt) for p, alt in images)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
@@ -151,10 +158,11 @@ figcaption {{ color: #666; font-size: 0.9em; }}
 reference never had, and cells left <code>Unassigned</code>, are listed apart below.</p>
 {figures}
 <h2>Per type</h2>
-<table id="per-type"><tr><th>type</th><th>support</th><th>precision</th><th>recall</th><th>F1</th></tr>{type_rows}</table>
-<h2>Types the reference never had ({unseen['n']} cells)</h2>
+<table id="per-type">
+<tr><th>type</th><th>support</th><th>precision</th><th>recall</th><th>F1</th></tr>{type_rows}</table>
+<h2>Types the reference never had ({unseen["n"]} cells)</h2>
 <table><tr><th>true type</th><th>cells</th><th>predicted as</th></tr>{unseen_rows}</table>
-<h2>Unassigned cells of known types ({unassigned['n']})</h2>
+<h2>Unassigned cells of known types ({unassigned["n"]})</h2>
 <table><tr><th>true type</th><th>cells</th></tr>{unassigned_rows}</table>
 </body></html>
 """

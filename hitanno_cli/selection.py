@@ -1,4 +1,7 @@
-"""Peak selection (SPEC §1.2): TF-IDF, one-vs-rest Welch t-test, rare types first.
+"""``select-peaks``: each cell type's marker peaks, as HitAnno publishes it.
+
+TF-IDF of the reference (:mod:`hitanno_cli.tfidf`), a one-vs-rest Welch t-test per
+type, and ``P`` peaks per type assigned rarest type first, no peak in two sets.
 
 The reference is streamed twice in row chunks: pass 1 sums counts per cell and per
 peak (TF-IDF needs both totals), pass 2 accumulates per-type sums and sums of squares
@@ -16,11 +19,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from hitanno_cli import artifacts, console
-from hitanno_cli.allocator import keep_freed_memory
 from hitanno_cli.errors import UserError
 from hitanno_cli.genome import peak_intervals
 from hitanno_cli.h5ad import H5ad, check_counts
+from hitanno_cli.host import keep_freed_memory
 from hitanno_cli.panel import Panel, PeakSet
+from hitanno_cli.tfidf import tfidf_entries
 
 #: The published code keeps this many best-ranked peaks per type as candidates.
 N_CANDIDATES = 6300
@@ -29,37 +33,11 @@ CACHE_BYTES = 1 << 28
 
 
 def published_peaks_per_type(n_types: int) -> int:
-    """``P = int(sqrt(9 / n_types) * 2000)``, sized for a 24 GB GPU (SPEC §1.2.3)."""
+    """``P = int(sqrt(9 / n_types) * 2000)``, the published size (chosen for a 24 GB GPU)."""
     return int(math.sqrt(9 / n_types) * 2000)
 
 
-def tfidf(counts: sp.csr_matrix, cell_total: np.ndarray, peak_total: np.ndarray, n_cells: int) -> sp.csr_matrix:
-    """TF-IDF as published: ``log(1 + 1e4 · (count / cell_total) · (n_cells / peak_total))``.
-
-    ``cell_total`` are the row sums of ``counts``' rows, ``peak_total`` the column sums
-    over the whole reference (not just this chunk).
-    """
-    counts = counts.tocsr()
-    entry_total = np.repeat(cell_total, np.diff(counts.indptr))
-    values = tfidf_entries(counts.data, entry_total, counts.indices, peak_total, n_cells)
-    return sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape)
-
-
-def tfidf_entries(
-    counts: np.ndarray, entry_total: np.ndarray, peaks: np.ndarray, peak_total: np.ndarray, n_cells: int
-) -> np.ndarray:
-    """TF-IDF of stored counts, given each entry's cell total and peak (float64)."""
-    # In place on one float64 array: the temporaries dominate select-peaks' memory traffic.
-    values = counts.astype(np.float64)
-    values /= entry_total
-    values *= (1e4 * n_cells) / peak_total[peaks]
-    np.log1p(values, out=values)
-    return values
-
-
-def welch_t(
-    sums: np.ndarray, sumsq: np.ndarray, n_per_type: np.ndarray
-) -> np.ndarray:
+def welch_t(sums: np.ndarray, sumsq: np.ndarray, n_per_type: np.ndarray) -> np.ndarray:
     """One-vs-rest Welch t statistics, ``[n_types, n_peaks]``, from per-type moments.
 
     The statistic ``scanpy.tl.rank_genes_groups(method="t-test")`` computes: sample
@@ -161,7 +139,9 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
     with console.progress("select-peaks: t-test", h5.n_obs) as bar:
         for lo, chunk in cached or h5.iter_chunks(chunk_rows=chunk_rows):
             hi = lo + chunk.shape[0]
-            _add_moments(chunk, codes[lo:hi], cell_total[lo:hi], peak_total, n_cells, sums, sumsq)
+            _add_moments(
+                chunk, codes[lo:hi], cell_total[lo:hi], peak_total=peak_total, n_cells=n_cells, sums=sums, sumsq=sumsq
+            )
             bar.advance(chunk.shape[0])
     n_per_type = np.bincount(codes[keep], minlength=n_types)
     return ReferenceMoments(n_per_type, sums.reshape(n_types, n_peaks), sumsq.reshape(n_types, n_peaks))
@@ -171,13 +151,21 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
 BLOCK_NNZ = 1 << 16
 
 
-def _add_moments(chunk: sp.csr_matrix, codes: np.ndarray, cell_total: np.ndarray, peak_total: np.ndarray,
-                 n_cells: int, sums: np.ndarray, sumsq: np.ndarray) -> None:
+def _add_moments(
+    chunk: sp.csr_matrix,
+    codes: np.ndarray,
+    cell_total: np.ndarray,
+    *,
+    peak_total: np.ndarray,
+    n_cells: int,
+    sums: np.ndarray,
+    sumsq: np.ndarray,
+) -> None:
     """Add a chunk's TF-IDF values and their squares into flat ``[type, peak]`` sums.
 
     A block of rows at a time, each entry added in order with ``np.add.at``: the same
-    sums, bit for bit, as one ``bincount`` over the chunk, in half the time (Granja).
-    Rows with code -1 (left out) add nothing.
+    sums, bit for bit, as one ``bincount`` over the chunk, with temporaries that stay in
+    cache. Rows with code -1 (left out) add nothing.
     """
     n_rows, n_peaks = chunk.shape
     indptr = chunk.indptr
@@ -240,6 +228,7 @@ def _known(positions: np.ndarray) -> list[int | None]:
 
 def select_peaks(
     reference: str | Path,
+    *,
     label_key: str,
     peaks_per_type: int | None = None,
     min_cells: int = 10,
@@ -248,7 +237,7 @@ def select_peaks(
     layer: str | None = None,
     chunk_rows: int | None = None,
 ) -> Panel:
-    """Build the peak panel of a labelled reference ``.h5ad`` (SPEC §1.2)."""
+    """The peak panel of a labelled reference ``.h5ad`` (save it with :meth:`Panel.save`)."""
     keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     with artifacts.sha256_file_in_background(reference) as reference_hash, H5ad(reference, layer=layer) as h5:
         labels = h5.labels(label_key)

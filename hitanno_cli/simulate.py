@@ -41,6 +41,35 @@ class SimulationConfig:
     seed: int = 0
 
 
+def simulation_config(
+    *,
+    n_ref: int,
+    n_query: int,
+    n_peaks: int,
+    n_types: int,
+    open_fraction: float,
+    batch_peak_share: float,
+    seed: int,
+) -> SimulationConfig:
+    """A simulation of the given sizes: a lineage per three types, and rare types no
+    smaller than the data allows. Refuses sizes that cannot make a labelled pair."""
+    from hitanno_cli.errors import UserError
+
+    if n_types < 2 or n_peaks < n_types or min(n_ref, n_query) < 2 * n_types:
+        raise UserError("simulation sizes too small", "use ≥ 2 types, ≥ 2 cells per type and more peaks than types")
+    return SimulationConfig(
+        n_ref=n_ref,
+        n_query=n_query,
+        n_peaks=n_peaks,
+        n_types=n_types,
+        n_lineages=max(1, n_types // 3),
+        open_fraction=open_fraction,
+        batch_peak_share=batch_peak_share,
+        seed=seed,
+        min_type_cells=min(SimulationConfig.min_type_cells, (n_ref + n_query) // (2 * n_types)),
+    )
+
+
 def type_sizes(n_cells: int, n_types: int, exponent: float, minimum: int, rng: np.random.Generator) -> np.ndarray:
     """Cells per type from a power law ``rank^-exponent``, each at least ``minimum``."""
     weights = np.arange(1, n_types + 1, dtype=float) ** -exponent
@@ -65,8 +94,9 @@ def _peak_rates(cfg: SimulationConfig, rng: np.random.Generator) -> tuple[np.nda
     return rates, lineage_of
 
 
-def _cells(rates: np.ndarray, labels: np.ndarray, depth: np.ndarray, open_fraction: float,
-           rng: np.random.Generator) -> sp.csr_matrix:
+def _cells(
+    rates: np.ndarray, labels: np.ndarray, depth: np.ndarray, open_fraction: float, rng: np.random.Generator
+) -> sp.csr_matrix:
     """Counts (mostly 1, sometimes 2) of cells with the given types and depths."""
     n_peaks = rates.shape[1]
     mean_rate = rates.mean(axis=1, keepdims=True)

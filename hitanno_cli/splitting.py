@@ -8,15 +8,27 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from hitanno_cli import artifacts, console
 from hitanno_cli.errors import UserError
+from hitanno_cli.h5ad import H5ad
 
 
-def query_mask(obs: pd.DataFrame, by: str | None, query_value: str | None, fraction: float,
-               label_key: str | None, seed: int, source: str | Path) -> np.ndarray:
+def query_mask(
+    obs: pd.DataFrame,
+    *,
+    by: str | None,
+    query_value: str | None,
+    fraction: float,
+    label_key: str | None,
+    seed: int,
+    source: str | Path,
+) -> np.ndarray:
     """Boolean mask of the query cells."""
     for key in (by, label_key):
         if key is not None and key not in obs.columns:
-            raise UserError(f"'{key}' is not a column of obs in {source}", f"use one of: {', '.join(map(str, obs.columns))}")
+            raise UserError(
+                f"'{key}' is not a column of obs in {source}", f"use one of: {', '.join(map(str, obs.columns))}"
+            )
     if by is not None:
         values = obs[by].astype(str).to_numpy()
         groups = pd.Series(values).value_counts()
@@ -51,3 +63,29 @@ def write_split(data: str | Path, mask: np.ndarray, out_dir: Path) -> tuple[Path
     finally:
         backed.file.close()
     return paths
+
+
+def split(
+    data: str | Path,
+    *,
+    output: str | Path,
+    by: str | None = None,
+    query_value: str | None = None,
+    query_fraction: float = 0.3,
+    label_key: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Split a labelled ``.h5ad`` into ``output/reference.h5ad`` and ``output/query.h5ad``:
+    one value of the column ``by`` becomes the query (default: its smallest group), or,
+    without ``by``, a random ``query_fraction`` of the cells (stratified by ``label_key``)."""
+    with H5ad(data) as h5:
+        obs = h5.obs
+    mask = query_mask(
+        obs, by=by, query_value=query_value, fraction=query_fraction, label_key=label_key, seed=seed, source=data
+    )
+    out = Path(output)
+    with artifacts.atomic_dir(out, overwrite) as tmp:
+        write_split(data, mask, tmp)
+    console.info(f"split: {int((~mask).sum())} reference and {int(mask.sum())} query cells → {out}")
+    return out / "reference.h5ad", out / "query.h5ad"

@@ -12,9 +12,18 @@ from hitanno_cli.simulate import SimulationConfig, write_pair
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-SMALL = SimulationConfig(n_ref=500, n_query=250, n_peaks=600, n_types=4, n_lineages=2,
-                         programme_size=40, lineage_programme_size=40, min_type_cells=30,
-                         open_fraction=0.05, seed=1)
+SMALL = SimulationConfig(
+    n_ref=500,
+    n_query=250,
+    n_peaks=600,
+    n_types=4,
+    n_lineages=2,
+    programme_size=40,
+    lineage_programme_size=40,
+    min_type_cells=30,
+    open_fraction=0.05,
+    seed=1,
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +36,9 @@ def small_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def small_panel(small_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A panel selected from the small reference."""
     out = tmp_path_factory.mktemp("panel") / "panel.json"
-    result = run_cli("select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(out),
-                     "--peaks-per-type", "50", "-q")
+    result = run_cli(
+        "select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(out), "--peaks-per-type", "50", "-q"
+    )
     assert result.exit_code == 0, result.stderr
     return out
 

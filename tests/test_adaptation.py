@@ -7,14 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from hitanno_cli.adaptation import _packed_rows, confident_rows
 from hitanno_cli.checkpoint import ADAPTATION, read_metadata
 from hitanno_cli.sentences import SentenceStore, write_store
-from conftest import run_cli
 
-TINY_CLI = ["--embed-dim", "16", "--heads", "2", "--ff", "16", "--head-hidden", "8", "--epochs", "2",
-            "--device", "cpu", "-q"]
+TINY_CLI = [
+    "--embed-dim",
+    "16",
+    "--heads",
+    "2",
+    "--ff",
+    "16",
+    "--head-hidden",
+    "8",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    "-q",
+]
 
 
 def test_confident_rows_takes_the_top_share_of_each_predicted_class() -> None:
@@ -33,8 +46,15 @@ def test_write_store_copies_the_chosen_rows_with_their_labels(stores: dict, tmp_
     labels = np.array(["a", "b", "a", "c"], dtype=object)
     ids = np.concatenate([ref.cell_ids(), query.cell_ids()[rows]]).astype(str)
     all_labels = np.concatenate([ref.labels(), labels]).astype(str)
-    out = write_store(tmp_path / "both.zarr", _packed_rows(ref, query, rows), ids, all_labels, ref,
-                      {"pseudo_label_fraction": 0.5}, {"reference": ref.content_hash, "query": query.content_hash})
+    out = write_store(
+        tmp_path / "both.zarr",
+        blocks=_packed_rows(ref, query, rows),
+        ids=ids,
+        labels=all_labels,
+        like=ref,
+        params={"pseudo_label_fraction": 0.5},
+        inputs={"reference": ref.content_hash, "query": query.content_hash},
+    )
     both = SentenceStore(out)
     assert both.n_cells == ref.n_cells + 4 and both.panel_hash == ref.panel_hash
     expected = np.concatenate([ref.read_packed(0, ref.n_cells), query.read_packed(0, query.n_cells)[rows]])
@@ -43,10 +63,23 @@ def test_write_store_copies_the_chosen_rows_with_their_labels(stores: dict, tmp_
     assert both.meta["header"]["inputs"] == {"reference": ref.content_hash, "query": query.content_hash}
 
 
+@pytest.mark.slow
 def test_train_adapt_to_writes_a_self_trained_model(stores: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(out),
-                     "--adapt-to", str(stores["query"]), "--pseudo-label-fraction", "0.5", *TINY_CLI)
+    result = run_cli(
+        "train",
+        "-s",
+        str(stores["ref"]),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(out),
+        "--adapt-to",
+        str(stores["query"]),
+        "--pseudo-label-fraction",
+        "0.5",
+        *TINY_CLI,
+    )
     assert result.exit_code == 0, result.stderr
     record = json.loads((out / ADAPTATION).read_text())
     query = SentenceStore(stores["query"])
@@ -65,23 +98,49 @@ def test_train_adapt_to_writes_a_self_trained_model(stores: dict, tmp_path: Path
     assert elsewhere.exit_code == 0 and "was self-trained on the query" in elsewhere.stderr
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--pseudo-label-fraction", "0"], "--pseudo-label-fraction"),
-    (["--resume"], "--resume"),
-])
-def test_bad_self_training_options_are_one_line_exit_2(stores: dict, tmp_path: Path, extra: list[str],
-                                                       message: str) -> None:
-    result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"),
-                     "--adapt-to", str(stores["query"]), *extra, *TINY_CLI)
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--pseudo-label-fraction", "0"], "--pseudo-label-fraction"),
+        (["--resume"], "--resume"),
+    ],
+)
+def test_bad_self_training_options_are_one_line_exit_2(
+    stores: dict, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    result = run_cli(
+        "train",
+        "-s",
+        str(stores["ref"]),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(tmp_path / "m"),
+        "--adapt-to",
+        str(stores["query"]),
+        *extra,
+        *TINY_CLI,
+    )
     assert result.exit_code == 2 and message in result.stderr
     assert not (tmp_path / "m").exists()
 
 
-def test_unlabelled_reference_is_refused_before_training(stores: dict, small_pair: tuple[Path, Path],
-                                                         tmp_path: Path) -> None:
+def test_unlabelled_reference_is_refused_before_training(
+    stores: dict, small_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
     unlabelled = tmp_path / "unlabelled.zarr"
     assert run_cli("encode", str(small_pair[0]), "-p", str(stores["panel"]), "-o", str(unlabelled), "-q").exit_code == 0
-    result = run_cli("train", "-s", str(unlabelled), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"),
-                     "--adapt-to", str(stores["query"]), *TINY_CLI)
+    result = run_cli(
+        "train",
+        "-s",
+        str(unlabelled),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(tmp_path / "m"),
+        "--adapt-to",
+        str(stores["query"]),
+        *TINY_CLI,
+    )
     assert result.exit_code == 2 and "without labels" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unlabelled.zarr"]  # no model, no work folder

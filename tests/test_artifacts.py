@@ -63,9 +63,7 @@ def test_content_hashes_are_stable_and_sensitive(tmp_path) -> None:
     assert artifacts.sha256_json({"a": 1}) != artifacts.sha256_json({"a": 2})
     f = tmp_path / "f"
     f.write_bytes(b"abc")
-    assert artifacts.sha256_file(f) == (
-        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    )
+    assert artifacts.sha256_file(f) == ("sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     cancelled = threading.Event()
     cancelled.set()
     assert artifacts.sha256_file(f, cancelled) == ""  # a background hash abandoned after an error

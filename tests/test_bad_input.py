@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
-
 from conftest import run_cli
+
 from hitanno_cli.errors import UserError
 from hitanno_cli.sentences import SentenceStore, encode
 
@@ -48,8 +48,20 @@ def good(tmp_path) -> Path:
 
 
 def _select(ref: Path, out: Path, *extra: str) -> list[str]:
-    return ["select-peaks", str(ref), "-l", "cell_type", "-o", str(out), "--min-cells", "5",
-            "--peaks-per-type", "5", "-q", *extra]
+    return [
+        "select-peaks",
+        str(ref),
+        "-l",
+        "cell_type",
+        "-o",
+        str(out),
+        "--min-cells",
+        "5",
+        "--peaks-per-type",
+        "5",
+        "-q",
+        *extra,
+    ]
 
 
 def test_missing_file(tmp_path) -> None:
@@ -106,8 +118,11 @@ def test_duplicate_peak_names(tmp_path) -> None:
 def test_zero_overlap_between_query_and_panel(tmp_path, good) -> None:
     panel = tmp_path / "panel.json"
     assert run_cli(*_select(good, panel)).exit_code == 0
-    other = _write(tmp_path / "q.h5ad", _counts(np.random.default_rng(4)),
-                   names=[f"chr9:{i * 1000}-{i * 1000 + 500}" for i in range(30)])
+    other = _write(
+        tmp_path / "q.h5ad",
+        _counts(np.random.default_rng(4)),
+        names=[f"chr9:{i * 1000}-{i * 1000 + 500}" for i in range(30)],
+    )
     out = tmp_path / "o" / "q.zarr"
     _assert_refused(["encode", str(other), "-p", str(panel), "-o", str(out)], "only 0 of 10 panel peaks", out)
 
@@ -132,7 +147,7 @@ def test_newer_store_version_is_refused(tmp_path, good) -> None:
     panel = tmp_path / "panel.json"
     assert run_cli(*_select(good, panel)).exit_code == 0
     store = tmp_path / "s.zarr"
-    encode(good, panel, store)
+    encode(good, panel=panel, output=store)
     group = zarr.open_group(store, mode="a")
     meta = dict(group.attrs)["hitanno"]
     meta["header"]["format_version"] = "9.0"

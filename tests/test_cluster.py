@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import run_cli
 from scipy import stats
 from scipy.special import expit
 
-from conftest import run_cli
 from hitanno_cli.clustering import graph as cg
 from hitanno_cli.clustering import io, losses
-from hitanno_cli.clustering import train as tr
+from hitanno_cli.clustering.batching import make_batch, torch_sparse
+from hitanno_cli.clustering.config import TrainConfig
+from hitanno_cli.clustering.counts import Counts, highly_variable, normalise_log1p, read_counts
+from hitanno_cli.clustering.inference import embed, embed_and_assign
 from hitanno_cli.clustering.model import AttentionAE, ModelConfig
-from hitanno_cli.clustering.pipeline import predict
-from hitanno_cli.clustering.preprocess import Counts, highly_variable, normalise_log1p, prepare
+from hitanno_cli.clustering.preprocess import apply, prepare
 from hitanno_cli.clustering.simulate import simulate_counts, write_counts_h5ad
+from hitanno_cli.clustering.trainer import Trainer
 
 FAST = ["--pretrain-epochs", "4", "--cluster-epochs", "3", "-q"]
 
@@ -62,7 +65,7 @@ def test_sparse_graph_loss_equals_dense_reference() -> None:
     dense = losses.graph_loss_dense(h, torch.tensor(graph.toarray(), dtype=torch.float64))
     coo = graph.tocoo()
     non_r, non_c = losses.all_non_edges(graph)
-    pairs = losses.GraphPairs(coo.row, coo.col, coo.data, non_r, non_c, np.ones(non_r.size), n)
+    pairs = _pairs(coo, non_r, non_c, np.ones(non_r.size), n)
     pairs.edge_weight, pairs.non_scale = pairs.edge_weight.double(), pairs.non_scale.double()
     assert losses.graph_loss_sparse(h, h, pairs).item() == pytest.approx(dense.item(), rel=1e-12)
     # sampled non-edges: an unbiased estimate of the same number
@@ -70,9 +73,23 @@ def test_sparse_graph_loss_equals_dense_reference() -> None:
     draws = []
     for _ in range(400):
         r, c, scale = losses.sample_non_edges(graph, 8, rng)
-        sampled = losses.GraphPairs(coo.row, coo.col, coo.data, r, c, scale, n)
+        sampled = _pairs(coo, r, c, scale, n)
         draws.append(losses.graph_loss_sparse(h.float(), h.float(), sampled).item())
     assert np.mean(draws) == pytest.approx(dense.item(), rel=0.02)
+
+
+def _pairs(
+    coo: sp.coo_matrix, non_rows: np.ndarray, non_cols: np.ndarray, non_scale: np.ndarray, n: int
+) -> losses.GraphPairs:
+    return losses.GraphPairs(
+        edge_rows=coo.row,
+        edge_cols=coo.col,
+        edge_weight=coo.data,
+        non_rows=non_rows,
+        non_cols=non_cols,
+        non_scale=non_scale,
+        n_total=n,
+    )
 
 
 def test_batched_model_matches_dense_full_batch() -> None:
@@ -85,17 +102,18 @@ def test_batched_model_matches_dense_full_batch() -> None:
     x = torch.randn(n, 12)
     dense_adj = torch.tensor(graph.toarray())
     full = model(x, dense_adj)
-    sparse = model(x, tr.torch_sparse(graph, torch.device("cpu")))
+    sparse = model(x, torch_sparse(graph, torch.device("cpu")))
     torch.testing.assert_close(sparse.z, full.z)
     torch.testing.assert_close(sparse.h2, full.h2)
     features = _FixedFeatures(x.numpy())
-    z = tr.embed(model, features, tr.torch_sparse(graph, torch.device("cpu")), np.arange(n),
-                 torch.device("cpu"), chunk=16)
+    z = embed(
+        model, features, torch_sparse(graph, torch.device("cpu")), np.arange(n), device=torch.device("cpu"), chunk=16
+    )
     torch.testing.assert_close(z, full.z, rtol=1e-5, atol=1e-5)
     # a batch whose out-of-batch neighbours come from (exact) caches
     idx = np.sort(np.random.default_rng(6).choice(n, 15, replace=False))
-    cfg = tr.TrainConfig(exhaustive_pairs=0, non_edges_per_cell=5)
-    batch = tr.make_batch(graph, graph, idx, cfg, np.random.default_rng(7), torch.device("cpu"))
+    cfg = TrainConfig(exhaustive_pairs=0, non_edges_per_cell=5)
+    batch = make_batch(graph, graph, idx, cfg=cfg, rng=np.random.default_rng(7), device=torch.device("cpu"))
     out_idx = torch.from_numpy(batch.outside)
     part = model(x[idx], batch.adj, full.e1[out_idx], full.h1[out_idx])
     torch.testing.assert_close(part.h1, full.h1[idx])
@@ -146,8 +164,7 @@ def test_normalized_gcn_adjacency() -> None:
     a = graph.toarray()
     np.fill_diagonal(a, 1.0)
     d = 1 / np.sqrt(a.sum(axis=1))
-    np.testing.assert_allclose(cg.gcn_adjacency(graph, "normalized").toarray(), d[:, None] * a * d[None, :],
-                               rtol=1e-6)
+    np.testing.assert_allclose(cg.gcn_adjacency(graph, "normalized").toarray(), d[:, None] * a * d[None, :], rtol=1e-6)
     assert cg.gcn_adjacency(graph, "raw") is graph
 
 
@@ -183,15 +200,15 @@ def test_highly_variable_prefers_the_variable_genes() -> None:
 
 
 # -- the stopping rule ------------------------------------------------------------------------
-def _trainer(tmp_cells: int = 120, **cfg) -> tr.Trainer:
+def _trainer(tmp_cells: int = 120, **cfg) -> Trainer:
     counts, _ = simulate_counts(tmp_cells, 80, 3, seed=3, markers=20, fold=5.0)
     data = prepare(Counts(counts, np.arange(tmp_cells).astype(str), np.arange(80).astype(str)), "rna", 60, 0)
     gconf = cg.GraphConfig(knn=True)
     graph = cg.build_graph(data.features.rows(slice(None)), gconf)
-    config = tr.TrainConfig(**{"pretrain_epochs": 2, "cluster_epochs": 50, **cfg})
+    config = TrainConfig(**{"pretrain_epochs": 2, "cluster_epochs": 50, **cfg})
     torch.manual_seed(0)
     model = AttentionAE(ModelConfig(n_input=data.features.n_features, n_output=data.target.shape[1], n_heads=2))
-    return tr.Trainer(model, data, graph, gconf, config, torch.device("cpu"))
+    return Trainer(model, data, graph=graph, graph_config=gconf, cfg=config, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("batch_size", [4096, 50])
@@ -213,7 +230,7 @@ def test_clustering_stop_is_the_first_epoch_under_tolerance() -> None:
     trainer.cluster()
     h = trainer.history
     epochs = np.arange(1, len(h.cluster_delta) + 1)
-    under = [e for e, d in zip(epochs, h.cluster_delta) if e > 2 and d < 0.02]
+    under = [e for e, d in zip(epochs, h.cluster_delta, strict=True) if e > 2 and d < 0.02]
     if h.stopped_epoch is None:
         assert not under and len(h.cluster_loss) == 30
     else:
@@ -230,8 +247,26 @@ def test_clustering_runs_all_epochs_without_tolerance() -> None:
 # -- the command --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sim_h5ad(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_counts_h5ad(tmp_path_factory.mktemp("simrna") / "sim.h5ad", 400, 300, 4, seed=4,
-                             markers=40, fold=5.0)
+    return write_counts_h5ad(tmp_path_factory.mktemp("simrna") / "sim.h5ad", 400, 300, 4, seed=4, markers=40, fold=5.0)
+
+
+def predict(model_path: Path, data_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply a saved clusterer to a data set on the CPU: ``(cell_ids, labels, z)`` of its
+    cells with counts (load the model, preprocess as it was trained, embed and assign)."""
+    saved = io.load_model(model_path)
+    counts = read_counts(data_path, integer=saved.transform.modality == "rna")
+    data = apply(counts, saved.transform)
+    cg.check_neighbors(data.n_cells, saved.graph_config.n_neighbors)
+    z, labels = embed_and_assign(
+        saved.model,
+        saved.centroids,
+        data,
+        graph_config=saved.graph_config,
+        batch_size=saved.batch_size,
+        seed=saved.seed,
+        device=torch.device("cpu"),
+    )
+    return data.cell_ids, labels, z
 
 
 def _check_outputs(out: Path, n_cells: int, with_truth: bool) -> dict:
@@ -251,29 +286,97 @@ def _check_outputs(out: Path, n_cells: int, with_truth: bool) -> dict:
 
 def test_cluster_command_writes_outputs_and_reloads(sim_h5ad: Path, tmp_path: Path) -> None:
     out = tmp_path / "clusters"
-    result = run_cli("cluster", str(sim_h5ad), "-o", str(out), "--label-key", "cluster", "--n-hvg", "200",
-                     "--pretrain-epochs", "20", "--cluster-epochs", "5", "-q")
+    result = run_cli(
+        "cluster",
+        str(sim_h5ad),
+        "-o",
+        str(out),
+        "--label-key",
+        "cluster",
+        "--n-hvg",
+        "200",
+        "--pretrain-epochs",
+        "20",
+        "--cluster-epochs",
+        "5",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     metrics = _check_outputs(out, 400, with_truth=True)
     assert metrics["ari"] > 0.6, metrics
     saved = io.load_model(out / io.MODEL)
     assert saved.header["format"] == "hitanno.cluster_model"
     assert len(saved.transform.input_features) == 200
-    cell_ids, labels, _ = predict(out / io.MODEL, sim_h5ad, device="cpu")
+    cell_ids, labels, _ = predict(out / io.MODEL, sim_h5ad)
     written = io.read_labels(out / io.LABELS)
     assert [written[c] for c in cell_ids] == labels.tolist()
 
 
+def test_model_header_key_and_the_older_one(tmp_path: Path) -> None:
+    """The header is written under ``header`` (as annotation models); files written under
+    ``hitanno`` before still load."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from hitanno_cli import artifacts
+    from hitanno_cli.clustering.preprocess import Transform
+
+    model = AttentionAE(ModelConfig(n_input=6, n_output=6, n_heads=2))
+    header = artifacts.make_header(artifacts.CLUSTER_MODEL, {}, {})
+    transform = Transform(
+        "rna",
+        [f"g{i}" for i in range(6)],
+        np.arange(6),
+        {"mean": np.zeros(6, np.float32), "std": np.ones(6, np.float32)},
+    )
+    path = tmp_path / "model.safetensors"
+    io.save_model(
+        path,
+        model,
+        centroids=np.zeros((3, 16), np.float32),
+        transform=transform,
+        graph_config=cg.GraphConfig(),
+        train_config=TrainConfig().to_dict(),
+        header=header,
+    )
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata()
+    assert "header" in metadata and "hitanno" not in metadata
+    assert io.load_model(path).header == header
+    metadata["hitanno"] = metadata.pop("header")
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata=metadata)
+    saved = io.load_model(old)
+    assert saved.header == header and saved.centroids.shape == (3, 16)
+
+
 def test_mini_batches_and_sampling_then_assigning(sim_h5ad: Path, tmp_path: Path) -> None:
     out = tmp_path / "mb"
-    result = run_cli("cluster", str(sim_h5ad), "-o", str(out), "--label-key", "cluster", "--n-hvg", "200",
-                     "--batch-size", "128", "--max-cells", "300", "--knn", "--pretrain-epochs", "8",
-                     "--cluster-epochs", "4", "-q")
+    result = run_cli(
+        "cluster",
+        str(sim_h5ad),
+        "-o",
+        str(out),
+        "--label-key",
+        "cluster",
+        "--n-hvg",
+        "200",
+        "--batch-size",
+        "128",
+        "--max-cells",
+        "300",
+        "--knn",
+        "--pretrain-epochs",
+        "8",
+        "--cluster-epochs",
+        "4",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     metrics = _check_outputs(out, 400, with_truth=True)
     assert metrics["n_training_cells"] == 300
     assert metrics["ari"] > 0.6, metrics
-    cell_ids, labels, _ = predict(out / io.MODEL, sim_h5ad, device="cpu")
+    cell_ids, labels, _ = predict(out / io.MODEL, sim_h5ad)
     written = io.read_labels(out / io.LABELS)
     assert [written[c] for c in cell_ids] == labels.tolist()
 
@@ -289,14 +392,27 @@ def test_atac_modality(tmp_path: Path) -> None:
     path = tmp_path / "atac.h5ad"
     ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(path)
     out = tmp_path / "atac_out"
-    result = run_cli("cluster", str(path), "-o", str(out), "--modality", "atac", "-l", "cell_type",
-                     "--pretrain-epochs", "30", "--cluster-epochs", "5", "-q")
+    result = run_cli(
+        "cluster",
+        str(path),
+        "-o",
+        str(out),
+        "--modality",
+        "atac",
+        "-l",
+        "cell_type",
+        "--pretrain-epochs",
+        "30",
+        "--cluster-epochs",
+        "5",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     metrics = _check_outputs(out, 300, with_truth=True)
     assert metrics["ari"] > 0.5, metrics
     saved = io.load_model(out / io.MODEL)
     assert saved.model.config.likelihood == "bernoulli"
-    cell_ids, labels, _ = predict(out / io.MODEL, path, device="cpu")
+    cell_ids, labels, _ = predict(out / io.MODEL, path)
     written = io.read_labels(out / io.LABELS)
     assert [written[c] for c in cell_ids] == labels.tolist()
 
@@ -310,8 +426,11 @@ def test_empty_cells_get_an_empty_cluster(tmp_path: Path) -> None:
     counts[[3, 50], :] = 0
     counts = counts.tocsr()
     path = tmp_path / "e.h5ad"
-    ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(120)]),
-               var=pd.DataFrame(index=[f"g{i}" for i in range(100)])).write_h5ad(path)
+    ad.AnnData(
+        X=counts,
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(120)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(100)]),
+    ).write_h5ad(path)
     out = tmp_path / "e_out"
     result = run_cli("cluster", str(path), "-o", str(out), "--n-hvg", "80", *FAST)
     assert result.exit_code == 0, result.stderr
@@ -326,8 +445,9 @@ def _write(path: Path, x, labels=None) -> Path:
     import pandas as pd
 
     n_obs, n_vars = x.shape
-    obs = pd.DataFrame({"cell_type": labels if labels is not None else ["a"] * n_obs},
-                       index=[f"c{i}" for i in range(n_obs)])
+    obs = pd.DataFrame(
+        {"cell_type": labels if labels is not None else ["a"] * n_obs}, index=[f"c{i}" for i in range(n_obs)]
+    )
     ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_vars)])).write_h5ad(path)
     return path
 
@@ -350,14 +470,16 @@ def test_refuses_non_count_data(tmp_path: Path) -> None:
 
 def test_refuses_fewer_cells_than_neighbours(tmp_path: Path) -> None:
     path = _write(tmp_path / "few.h5ad", np.random.default_rng(0).poisson(2.0, size=(10, 30)).astype(np.float32))
-    _assert_refused(["cluster", str(path), "-o", str(tmp_path / "o")], "fewer than --n-neighbors 15",
-                    tmp_path / "o")
+    _assert_refused(["cluster", str(path), "-o", str(tmp_path / "o")], "fewer than --n-neighbors 15", tmp_path / "o")
 
 
 def test_refuses_missing_label_key(tmp_path: Path) -> None:
     path = _write(tmp_path / "ok.h5ad", np.random.default_rng(0).poisson(2.0, size=(40, 30)).astype(np.float32))
-    _assert_refused(["cluster", str(path), "-o", str(tmp_path / "o"), "--label-key", "celltype"],
-                    "label key 'celltype'", tmp_path / "o")
+    _assert_refused(
+        ["cluster", str(path), "-o", str(tmp_path / "o"), "--label-key", "celltype"],
+        "label key 'celltype'",
+        tmp_path / "o",
+    )
 
 
 def test_refuses_all_zero_genes(tmp_path: Path) -> None:
@@ -367,8 +489,11 @@ def test_refuses_all_zero_genes(tmp_path: Path) -> None:
 
 def test_refuses_umap_without_knn(tmp_path: Path) -> None:
     path = _write(tmp_path / "ok.h5ad", np.random.default_rng(0).poisson(2.0, size=(40, 30)).astype(np.float32))
-    _assert_refused(["cluster", str(path), "-o", str(tmp_path / "o"), "--connectivity", "umap", "--no-knn"],
-                    "--no-knn applies to gauss only", tmp_path / "o")
+    _assert_refused(
+        ["cluster", str(path), "-o", str(tmp_path / "o"), "--connectivity", "umap", "--no-knn"],
+        "--no-knn applies to gauss only",
+        tmp_path / "o",
+    )
 
 
 def test_options_default_to_the_published_values() -> None:
@@ -381,6 +506,6 @@ def test_options_default_to_the_published_values() -> None:
     assert defaults["n_neighbors"] == 15 and defaults["max_cells"] == 4000
     assert defaults["pretrain_epochs"] == 200 and defaults["cluster_epochs"] == 100 and defaults["lr"] == 1e-3
     assert defaults["connectivity"].value == "gauss"
-    cfg = tr.TrainConfig()
+    cfg = TrainConfig()
     assert (cfg.graph_weight, cfg.cluster_recon_weight, cfg.cluster_graph_weight) == (0.1, 0.1, 0.01)
     assert (cfg.grad_clip, cfg.lr_step, cfg.lr_gamma, cfg.tol, cfg.min_cluster_epochs) == (3.0, 40, 0.5, 1e-3, 20)

@@ -6,8 +6,8 @@ import json
 
 import anndata as ad
 import numpy as np
-
 from conftest import run_cli
+
 from hitanno_cli import __version__
 
 
@@ -23,8 +23,9 @@ def test_version_and_help_list_every_stage() -> None:
 
 def test_simulate_has_stated_sparsity_and_type_spread(tmp_path) -> None:
     out = tmp_path / "sim"
-    result = run_cli("simulate", "-o", str(out), "--n-ref", "1200", "--n-query", "600",
-                     "--n-peaks", "2000", "--n-types", "8", "-q")
+    result = run_cli(
+        "simulate", "-o", str(out), "--n-ref", "1200", "--n-query", "600", "--n-peaks", "2000", "--n-types", "8", "-q"
+    )
     assert result.exit_code == 0, result.stderr
     ref, query = ad.read_h5ad(out / "reference.h5ad"), ad.read_h5ad(out / "query.h5ad")
     assert ref.shape == (1200, 2000) and query.shape == (600, 2000)

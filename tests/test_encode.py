@@ -12,13 +12,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from hitanno_cli import artifacts
 from hitanno_cli.errors import UserError
 from hitanno_cli.panel import Panel
 from hitanno_cli.sentences import SentenceStore, encode
-
-from conftest import run_cli
 
 
 def _expected_states(h5ad_path: Path, panel: Panel) -> np.ndarray:
@@ -43,7 +42,8 @@ def test_encode_matches_direct_computation_and_keeps_labels(small_pair, small_pa
     adata = ad.read_h5ad(query)
     assert store.labels().tolist() == adata.obs["cell_type"].astype(str).tolist()
     assert store.cell_ids().tolist() == adata.obs_names.tolist()
-    indptr, positions = store.read_open(10, 30)
+    cells = store.read_open(10, 30)
+    indptr, positions = cells.indptr, cells.positions
     dense = store.read_dense(10, 30).reshape(20, -1)
     assert indptr[-1] == dense.sum() and set(positions[indptr[3] : indptr[4]]) == set(np.flatnonzero(dense[3]))
     assert store.meta["coverage"]["found"] == panel.size
@@ -59,8 +59,8 @@ def test_query_with_other_peak_names_is_matched_by_overlap(small_pair, small_pan
     renamed = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var.iloc[:, :0].set_axis(shifted))
     renamed_path = tmp_path / "renamed.h5ad"
     renamed.write_h5ad(renamed_path)
-    encode(query, small_panel, tmp_path / "a.zarr")
-    encode(renamed_path, small_panel, tmp_path / "b.zarr")
+    encode(query, panel=small_panel, output=tmp_path / "a.zarr")
+    encode(renamed_path, panel=small_panel, output=tmp_path / "b.zarr")
     a, b = SentenceStore(tmp_path / "a.zarr"), SentenceStore(tmp_path / "b.zarr")
     np.testing.assert_array_equal(a.read_dense(0, a.n_cells), b.read_dense(0, b.n_cells))
     assert b.meta["coverage"]["by_overlap"] == Panel.load(small_panel).size
@@ -74,12 +74,14 @@ def _tree(root: Path) -> list[str]:
 def test_sharded_encode_is_byte_identical_to_single_process(small_pair, small_panel, tmp_path, monkeypatch) -> None:
     import hitanno_cli.sentences as sentences
 
-    monkeypatch.setattr(sentences, "CHUNK_BYTES", 64 * 25)  # 256-cell chunks: several per shard
+    monkeypatch.setattr(sentences.store, "CHUNK_BYTES", 64 * 25)  # 256-cell chunks: several per shard
     ref, _ = small_pair
     single = tmp_path / "single.zarr"
-    encode(ref, small_panel, single, label_key="cell_type")
+    encode(ref, panel=small_panel, output=single, label_key="cell_type")
     sharded = tmp_path / "sharded.zarr"
-    returned = [encode(ref, small_panel, sharded, label_key="cell_type", shard=f"{i}/3") for i in (2, 0, 1)]
+    returned = [
+        encode(ref, panel=small_panel, output=sharded, label_key="cell_type", shard=f"{i}/3") for i in (2, 0, 1)
+    ]
     assert returned == [None, None, sharded]  # the last shard to finish assembles the store
     assert _tree(single) == _tree(sharded)
     for name in _tree(single):
@@ -92,25 +94,42 @@ def test_sharded_encode_is_byte_identical_to_single_process(small_pair, small_pa
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_concurrent_shard_processes_build_one_store(small_pair, small_panel, tmp_path) -> None:
     ref, _ = small_pair
     out = tmp_path / "conc.zarr"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     procs = [
-        subprocess.Popen([sys.executable, "-m", "hitanno_cli", "encode", str(ref), "-p", str(small_panel),
-                          "-o", str(out), "--shard", f"{i}/4", "-q"], env=env, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hitanno_cli",
+                "encode",
+                str(ref),
+                "-p",
+                str(small_panel),
+                "-o",
+                str(out),
+                "--shard",
+                f"{i}/4",
+                "-q",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
         for i in range(4)
     ]
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
-    encode(ref, small_panel, tmp_path / "one.zarr")
+    encode(ref, panel=small_panel, output=tmp_path / "one.zarr")
     a, b = SentenceStore(out), SentenceStore(tmp_path / "one.zarr")
     assert a.content_hash == b.content_hash
 
 
 def test_corrupted_chunk_is_detected(small_pair, small_panel, tmp_path) -> None:
     out = tmp_path / "s.zarr"
-    encode(small_pair[1], small_panel, out)
+    encode(small_pair[1], panel=small_panel, output=out)
     store = SentenceStore(out)
     digests = store._group["bits_sha256"]
     bad = digests[:]
@@ -124,7 +143,7 @@ def test_corrupted_chunk_is_detected(small_pair, small_panel, tmp_path) -> None:
 
 def test_store_panel_mismatch_is_refused(small_pair, small_panel, tmp_path) -> None:
     out = tmp_path / "s.zarr"
-    encode(small_pair[1], small_panel, out)
+    encode(small_pair[1], panel=small_panel, output=out)
     with pytest.raises(UserError, match="another panel"):
         SentenceStore(out).check_panel("sha256:0000")
 
@@ -135,7 +154,9 @@ def test_pack_states_many_to_many_map_and_explicit_zeros() -> None:
     from hitanno_cli.sentences import PeakMatch, pack_states
 
     # column 0 lights panel peaks 1 and 2 (a wide merged peak); columns 1 and 2 both light 0
-    match = PeakMatch.from_pairs(np.array([0, 0, 1, 2]), np.array([1, 2, 0, 0]), 4, 10, 0, 3)
+    match = PeakMatch.from_pairs(
+        np.array([0, 0, 1, 2]), np.array([1, 2, 0, 0]), n_columns=4, n_panel=10, by_name=0, by_overlap=3
+    )
     assert match.lookup is None
     counts = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 2, 3, 0], [0, 0, 0, 5]], dtype=np.float32))
     counts.data[counts.data == 3] = 0  # an explicitly stored zero
@@ -146,10 +167,14 @@ def test_pack_states_many_to_many_map_and_explicit_zeros() -> None:
     assert bits[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert bits[1].tolist() == [1] + [0] * 9
     assert bits[2].sum() == 0
-    one_to_one = PeakMatch.from_pairs(np.array([3, 1]), np.array([9, 4]), 4, 10, 2, 0)
+    one_to_one = PeakMatch.from_pairs(
+        np.array([3, 1]), np.array([9, 4]), n_columns=4, n_panel=10, by_name=2, by_overlap=0
+    )
     bits = np.unpackbits(pack_states(counts, one_to_one, 2), axis=1, count=10, bitorder="little")
     assert np.flatnonzero(bits[1]).tolist() == [4] and np.flatnonzero(bits[2]).tolist() == [9]
-    zero_in_panel = PeakMatch.from_pairs(np.array([2, 1]), np.array([9, 4]), 4, 10, 2, 0)
+    zero_in_panel = PeakMatch.from_pairs(
+        np.array([2, 1]), np.array([9, 4]), n_columns=4, n_panel=10, by_name=2, by_overlap=0
+    )
     bits = np.unpackbits(pack_states(counts, zero_in_panel, 2), axis=1, count=10, bitorder="little")
     assert np.flatnonzero(bits[1]).tolist() == [4]  # column 2's stored zero lights nothing
 
@@ -164,15 +189,15 @@ def test_pack_states_across_scratch_blocks_equals_dense(monkeypatch) -> None:
     counts = sp.random(37, 50, density=0.2, format="csr", random_state=4, dtype=np.float32)
     counts.data = np.ceil(counts.data * 3)
     lookup = rng.permutation(50)[:30]  # columns 0..29 light distinct panel peaks
-    match = sentences.PeakMatch.from_pairs(np.arange(30), lookup, 50, 50, 30, 0)
-    monkeypatch.setattr(sentences, "_SCRATCH_BITS", 7 * 56)  # 7 rows per block: 6 blocks
+    match = sentences.PeakMatch.from_pairs(np.arange(30), lookup, n_columns=50, n_panel=50, by_name=30, by_overlap=0)
+    monkeypatch.setattr(sentences.packing, "SCRATCH_BITS", 7 * 56)  # 7 rows per block: 6 blocks
     packed = sentences.pack_states(counts, match, 7)
     expected = np.zeros((37, 56), dtype=bool)
     dense = counts.toarray() > 0
     expected[:, lookup] = dense[:, :30]
     assert np.array_equal(np.unpackbits(packed, axis=1, bitorder="little").astype(bool), expected)
     every = rng.permutation(50)  # every column lights one panel peak: renumbered, not sliced
-    match = sentences.PeakMatch.from_pairs(np.arange(50), every, 50, 50, 50, 0)
+    match = sentences.PeakMatch.from_pairs(np.arange(50), every, n_columns=50, n_panel=50, by_name=50, by_overlap=0)
     assert match.maps_every_column
     expected = np.zeros((37, 56), dtype=bool)
     expected[:, every] = dense

@@ -10,9 +10,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
-from conftest import run_cli
 from hitanno_cli.evaluation import UNASSIGNED, score
 
 CLASSES = ["B", "T", "NK", "Mono"]
@@ -52,12 +52,23 @@ def test_evaluate_cli_writes_metrics_pictures_and_self_contained_html(tmp_path) 
     pred = np.where(rng.random(200) < 0.8, truth, rng.choice(CLASSES, size=200))
     ids = [f"c{i}" for i in range(200)]
     (tmp_path / "pred").mkdir()
-    pd.DataFrame({"cell_id": ids, "predicted": pred, "probability": 0.9}).to_csv(tmp_path / "pred" / "predictions.csv", index=False)
+    pd.DataFrame({"cell_id": ids, "predicted": pred, "probability": 0.9}).to_csv(
+        tmp_path / "pred" / "predictions.csv", index=False
+    )
     obs = pd.DataFrame({"cell_type": truth}, index=ids)
     ad.AnnData(X=np.zeros((200, 3), np.float32), obs=obs).write_h5ad(tmp_path / "q.h5ad")
     out = tmp_path / "report"
-    result = run_cli("evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"),
-                     "--truth", str(tmp_path / "q.h5ad"), "-l", "cell_type", "-o", str(out))
+    result = run_cli(
+        "evaluate",
+        "--predictions",
+        str(tmp_path / "pred" / "predictions.csv"),
+        "--truth",
+        str(tmp_path / "q.h5ad"),
+        "-l",
+        "cell_type",
+        "-o",
+        str(out),
+    )
     assert result.exit_code == 0, result.stderr
     assert "macro_f1" in result.stderr  # the rich summary table
     metrics = json.loads((out / "metrics.json").read_text())
@@ -68,8 +79,15 @@ def test_evaluate_cli_writes_metrics_pictures_and_self_contained_html(tmp_path) 
     assert len(images) == 2 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert f"{metrics['macro_f1']:.4f}" in page and "http" not in page.replace("http-equiv", "")
     assert (out / "confusion.png").stat().st_size > 1000
-    bad = run_cli("evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"),
-                  "--truth", str(tmp_path / "q.h5ad"), "-o", str(tmp_path / "r2"))
+    bad = run_cli(
+        "evaluate",
+        "--predictions",
+        str(tmp_path / "pred" / "predictions.csv"),
+        "--truth",
+        str(tmp_path / "q.h5ad"),
+        "-o",
+        str(tmp_path / "r2"),
+    )
     assert bad.exit_code == 2 and "--label-key" in bad.stderr and not (tmp_path / "r2").exists()
 
 

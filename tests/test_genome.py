@@ -37,9 +37,7 @@ def test_overlap_pairs_equal_brute_force() -> None:
         (i, j)
         for i in range(len(query))
         for j in range(len(target))
-        if query.chrom[i] == target.chrom[j]
-        and query.start[i] < target.end[j]
-        and target.start[j] < query.end[i]
+        if query.chrom[i] == target.chrom[j] and query.start[i] < target.end[j] and target.start[j] < query.end[i]
     }
     assert found == expected and len(q) == len(found)
 

@@ -34,8 +34,16 @@ def one_thread() -> object:
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
-    sizes = dict(n_types=T, peaks_per_type=P, embed_dim=16, level1_heads=4, level1_ff=24,
-                 level2_heads=2, level2_ff=20, head_hidden=8)
+    sizes = dict(
+        n_types=T,
+        peaks_per_type=P,
+        embed_dim=16,
+        level1_heads=4,
+        level1_ff=24,
+        level2_heads=2,
+        level2_ff=20,
+        head_hidden=8,
+    )
     sizes.update(overrides)
     return ModelConfig(**sizes)  # type: ignore[arg-type]
 
@@ -83,8 +91,16 @@ def test_config_round_trips_and_refuses_unknown_keys() -> None:
         ModelConfig.from_dict({**config.to_dict(), "colour": 1})
 
 
-@pytest.mark.parametrize("bad", [dict(embed_dim=18), dict(level1_layers=0), dict(dropout=1.0),
-                                 dict(attention="fast"), dict(attention="sparse", level1_layers=2)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(embed_dim=18),
+        dict(level1_layers=0),
+        dict(dropout=1.0),
+        dict(attention="fast"),
+        dict(attention="sparse", level1_layers=2),
+    ],
+)
 def test_config_refuses_impossible_sizes(bad: dict) -> None:
     with pytest.raises(UserError):
         tiny_config(**bad)
@@ -146,7 +162,7 @@ def test_cell_results_do_not_depend_on_batch_neighbours() -> None:
     model = HitAnno(tiny_config()).eval()
     states = random_states(6, 0.3)
     together = model(*to_csr(states)).logits
-    alone = torch.cat([model(*to_csr(states[i:i + 1])).logits for i in range(6)])
+    alone = torch.cat([model(*to_csr(states[i : i + 1])).logits for i in range(6)])
     assert torch.allclose(together, alone, atol=1e-6)
 
 
@@ -198,8 +214,7 @@ def test_sparse_equals_dense_gradients_float64(density: float) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparse_path_is_stable_with_large_attention_logits(dtype: torch.dtype,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sparse_path_is_stable_with_large_attention_logits(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Logits of hundreds overflow a naive exp and make the closed-sum correction cancel;
     the stabiliser and the exact recomputation of ill-conditioned rows keep both equal."""
     sparse, dense = paired_models(dtype)
@@ -226,8 +241,9 @@ def test_sparse_path_is_stable_with_large_attention_logits(dtype: torch.dtype,
         assert rel_err(param.grad, grads[name].grad) <= 1e-5, name
     # the exact recomputation of ill-conditioned rows is what saves it: without it,
     # the closed-sum correction cancels catastrophically even in float64
-    monkeypatch.setattr(HitAnno, "ill_conditioned_rows",
-                        staticmethod(lambda z, _: torch.zeros(z.shape[0], dtype=torch.bool)))
+    monkeypatch.setattr(
+        HitAnno, "ill_conditioned_rows", staticmethod(lambda z, _: torch.zeros(z.shape[0], dtype=torch.bool))
+    )
     assert not rel_err(sparse(indptr, positions).logits, b.logits) <= 1e-3  # wrong or NaN
 
 
@@ -273,8 +289,18 @@ def test_tiny_model_overfits_a_tiny_synthetic_set() -> None:
 
 def test_inference_reuses_panel_terms_until_a_parameter_changes() -> None:
     torch.manual_seed(0)
-    model = HitAnno(ModelConfig(n_types=3, peaks_per_type=20, embed_dim=16, level1_heads=2, level2_heads=2,
-                                level1_ff=16, level2_ff=16, head_hidden=8)).eval()
+    model = HitAnno(
+        ModelConfig(
+            n_types=3,
+            peaks_per_type=20,
+            embed_dim=16,
+            level1_heads=2,
+            level2_heads=2,
+            level1_ff=16,
+            level2_ff=16,
+            head_hidden=8,
+        )
+    ).eval()
     indptr = torch.tensor([0, 3, 5])
     positions = torch.tensor([0, 21, 45, 7, 59])
     fresh = model(indptr, positions).logits.detach()  # gradients on: computed afresh
@@ -310,7 +336,7 @@ def test_sparse_path_accepts_open_positions_in_any_order_within_a_cell() -> None
     indptr, positions = to_csr(random_states(5, 0.3, seed=7))
     shuffled = positions.clone()
     gen = torch.Generator().manual_seed(0)
-    for lo, hi in zip(indptr[:-1].tolist(), indptr[1:].tolist()):
+    for lo, hi in zip(indptr[:-1].tolist(), indptr[1:].tolist(), strict=True):
         shuffled[lo:hi] = positions[lo:hi][torch.randperm(hi - lo, generator=gen)]
     assert not torch.equal(shuffled, positions)
     reference = dense(indptr, positions).logits
@@ -329,7 +355,7 @@ def test_first_token_equals_full_layer_output_and_gradients() -> None:
     grad_folded = torch.autograd.grad(folded.square().sum(), [x, *layer.parameters()], allow_unused=True)
     assert folded.shape == (5, 1, 32) and rel_err(folded, full) <= 1e-5
     scale = max(float(g.abs().max()) for g in grad_full if g is not None)
-    for a, b in zip(grad_folded, grad_full):  # the key bias's is 0 in exact arithmetic: absolute floor
+    for a, b in zip(grad_folded, grad_full, strict=True):  # the key bias's is 0 in exact arithmetic: absolute floor
         if b is not None:
             assert float((a - b).abs().max()) <= 1e-5 * scale
     first = x[:, :1].detach().clone().requires_grad_()  # given unsliced, the same function
@@ -343,7 +369,7 @@ def test_first_token_equals_full_layer_output_and_gradients() -> None:
     g_expected = torch.autograd.grad(expected.square().sum(), [x, *params], allow_unused=True)
     g_got = torch.autograd.grad(got.square().sum(), [x, *params], allow_unused=True)
     scale = max(float(g.abs().max()) for g in g_expected if g is not None)
-    for a, b in zip(g_got, g_expected):
+    for a, b in zip(g_got, g_expected, strict=True):
         if b is not None:
             assert float((a - b).abs().max()) <= 1e-5 * scale
 
@@ -382,8 +408,11 @@ def test_open_set_context_equals_the_dense_computation_and_its_gradients(n_types
     sets = open_sets(indptr, positions, n_types, peaks)
     dense = torch.zeros(sets.n_rows, n_positions, dtype=torch.float64)
     dense[sets.rows, sets.positions] = 1
-    assert torch.equal(dense, states.double().repeat_interleave(n_types, 0)
-                       * torch.eye(n_types, dtype=torch.float64).repeat_interleave(peaks, 1).repeat(6, 1))
+    assert torch.equal(
+        dense,
+        states.double().repeat_interleave(n_types, 0)
+        * torch.eye(n_types, dtype=torch.float64).repeat_interleave(peaks, 1).repeat(6, 1),
+    )
     table = torch.randn(6 * n_types, 5, generator=gen, dtype=torch.float64)
     assert torch.allclose(sets.transposed_sum(table), dense.T @ table)
     width = 2 * heads + heads * d  # Z | N | the cancellation measure (no gradient)
@@ -398,7 +427,7 @@ def test_open_set_context_equals_the_dense_computation_and_its_gradients(n_types
     grad = torch.randn(context.shape, generator=gen, dtype=torch.float64)
     got = torch.autograd.grad(context, (deltas, closed), grad)
     want = torch.autograd.grad(expected, (deltas, closed), grad)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-10)
 
 
@@ -410,7 +439,9 @@ def test_headwise_projection_equals_einsum_values_and_gradients() -> None:
     expected = torch.einsum("nhe,hde->nhd", x, weight)
     got = HeadwiseProjection.apply(x, weight)
     assert torch.allclose(got, expected)
-    for a, b in zip(torch.autograd.grad(got, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad)):
+    for a, b in zip(
+        torch.autograd.grad(got, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad), strict=True
+    ):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # --precision bf16: low-precision gradient, fp32 leaves
         out = HeadwiseProjection.apply(x, weight)
@@ -434,7 +465,7 @@ def test_shared_query_token_equals_the_full_layer_output_and_gradients(dtype: to
     grads = torch.autograd.grad((got * weights).sum(), inputs, allow_unused=True)
     scale = max(float(g.abs().max()) for g in expected if g is not None)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-10
-    for a, b in zip(grads, expected):  # the key bias's is 0 in exact arithmetic: an absolute floor
+    for a, b in zip(grads, expected, strict=True):  # the key bias's is 0 in exact arithmetic: an absolute floor
         assert (a is None) == (b is None)
         if b is not None:
             assert float((a - b).abs().max()) <= tolerance * scale

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 from hitanno_cli import console
@@ -21,8 +22,6 @@ from hitanno_cli.panel import Panel
 from hitanno_cli.sentences import SentenceStore
 from hitanno_cli.training import recipe_options, train
 
-from conftest import run_cli
-
 TINY = {"embed_dim": 16, "level1_heads": 2, "level1_ff": 16, "level2_heads": 2, "level2_ff": 16, "head_hidden": 8}
 SMALL = {"embed_dim": 32, "level1_heads": 4, "level1_ff": 32, "level2_heads": 4, "level2_ff": 32, "head_hidden": 16}
 
@@ -31,16 +30,23 @@ SMALL = {"embed_dim": 32, "level1_heads": 4, "level1_ff": 32, "level2_heads": 4,
 def trained(small_pair: tuple[Path, Path], small_panel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Stores of the small pair and a model trained long enough to learn the types."""
     root = tmp_path_factory.mktemp("trained")
-    out = {"panel": small_panel, "ref": root / "ref.zarr", "query": root / "query.zarr", "model": root / "model",
-           "query_h5ad": small_pair[1]}
+    out = {
+        "panel": small_panel,
+        "ref": root / "ref.zarr",
+        "query": root / "query.zarr",
+        "model": root / "model",
+        "query_h5ad": small_pair[1],
+    }
     for key, data in (("ref", small_pair[0]), ("query", small_pair[1])):
-        assert run_cli("encode", str(data), "-p", str(small_panel), "-o", str(out[key]), "-l", "cell_type",
-                       "-q").exit_code == 0
+        assert (
+            run_cli("encode", str(data), "-p", str(small_panel), "-o", str(out[key]), "-l", "cell_type", "-q").exit_code
+            == 0
+        )
     console.set_quiet(True)
     # the default recipe (with its linear path) learns these types at every seed; the
     # published transformer alone, on 450 cells and a few epochs, sometimes does not
     options = recipe_options("default", batch_size=16, model=dict(SMALL))
-    train(out["ref"], small_panel, out["model"], options, device="cpu")
+    train(out["ref"], panel=small_panel, output=out["model"], options=options, device="cpu")
     return out
 
 
@@ -54,7 +60,15 @@ def test_save_load_gives_identical_predictions(trained: dict, tmp_path: Path) ->
     store = SentenceStore(trained["query"])
     torch.manual_seed(3)
     model = HitAnno(ModelConfig(n_types=panel.n_types, peaks_per_type=panel.peaks_per_type, **TINY)).eval()
-    save_model(tmp_path, model, model.config, panel.cell_types, panel, {"note": "test"}, {})
+    save_model(
+        tmp_path,
+        model=model,
+        config=model.config,
+        class_names=panel.cell_types,
+        panel=panel,
+        params={"note": "test"},
+        inputs={},
+    )
     loaded = load_model(tmp_path)
     batch = next(sequential_batches(store, None, 64))
     args = (torch.from_numpy(batch.open.indptr), torch.from_numpy(batch.open.positions))
@@ -66,8 +80,20 @@ def test_save_load_gives_identical_predictions(trained: dict, tmp_path: Path) ->
 
 def test_predict_writes_labels_probabilities_and_embeddings(trained: dict, tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    result = run_cli("predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(out), "-q",
-                     "--batch-size", "37", "--device", "cpu")
+    result = run_cli(
+        "predict",
+        "-m",
+        str(trained["model"]),
+        "-s",
+        str(trained["query"]),
+        "-o",
+        str(out),
+        "-q",
+        "--batch-size",
+        "37",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     rows = _rows(out / "predictions.csv")
     store = SentenceStore(trained["query"])
@@ -89,18 +115,51 @@ def test_predict_writes_labels_probabilities_and_embeddings(trained: dict, tmp_p
 
 def test_h5ad_query_is_encoded_on_the_fly_to_the_same_result(trained: dict, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run_cli("predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(a), "-q",
-                   "--device", "cpu").exit_code == 0
-    result = run_cli("predict", "-m", str(trained["model"]), "--h5ad", str(trained["query_h5ad"]), "-l",
-                     "cell_type", "-o", str(b), "-q", "--batch-size", "50", "--device", "cpu")
+    assert (
+        run_cli(
+            "predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(a), "-q", "--device", "cpu"
+        ).exit_code
+        == 0
+    )
+    result = run_cli(
+        "predict",
+        "-m",
+        str(trained["model"]),
+        "--h5ad",
+        str(trained["query_h5ad"]),
+        "-l",
+        "cell_type",
+        "-o",
+        str(b),
+        "-q",
+        "--batch-size",
+        "50",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     assert _rows(a / "predictions.csv") == _rows(b / "predictions.csv")
 
 
 def test_min_confidence_marks_unassigned(trained: dict, tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    assert run_cli("predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(out), "-q",
-                   "--min-confidence", "0.9", "--device", "cpu").exit_code == 0
+    assert (
+        run_cli(
+            "predict",
+            "-m",
+            str(trained["model"]),
+            "-s",
+            str(trained["query"]),
+            "-o",
+            str(out),
+            "-q",
+            "--min-confidence",
+            "0.9",
+            "--device",
+            "cpu",
+        ).exit_code
+        == 0
+    )
     rows = _rows(out / "predictions.csv")
     low = [r for r in rows if float(r["probability"]) < 0.9]
     assert low and all(r["predicted"] == "Unassigned" for r in low)
@@ -109,8 +168,20 @@ def test_min_confidence_marks_unassigned(trained: dict, tmp_path: Path) -> None:
 
 def test_explain_writes_attention_tables_and_heatmaps(trained: dict, tmp_path: Path) -> None:
     out = tmp_path / "attention"
-    result = run_cli("explain", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(out), "-q",
-                     "--top-peaks", "5", "--device", "cpu")
+    result = run_cli(
+        "explain",
+        "-m",
+        str(trained["model"]),
+        "-s",
+        str(trained["query"]),
+        "-o",
+        str(out),
+        "-q",
+        "--top-peaks",
+        "5",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     counts = summary["cells_per_predicted_type"]
@@ -126,11 +197,14 @@ def test_explain_writes_attention_tables_and_heatmaps(trained: dict, tmp_path: P
 
 
 # -- bad input ----------------------------------------------------------------------------------
-def test_predict_refuses_a_store_of_another_panel(trained: dict, small_pair: tuple[Path, Path],
-                                                  tmp_path: Path) -> None:
+def test_predict_refuses_a_store_of_another_panel(trained: dict, small_pair: tuple[Path, Path], tmp_path: Path) -> None:
     other, store = tmp_path / "other.json", tmp_path / "other.zarr"
-    assert run_cli("select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(other),
-                   "--peaks-per-type", "30", "-q").exit_code == 0
+    assert (
+        run_cli(
+            "select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(other), "--peaks-per-type", "30", "-q"
+        ).exit_code
+        == 0
+    )
     assert run_cli("encode", str(small_pair[1]), "-p", str(other), "-o", str(store), "-q").exit_code == 0
     for command in ("predict", "explain"):
         result = run_cli(command, "-m", str(trained["model"]), "-s", str(store), "-o", str(tmp_path / command), "-q")
@@ -155,19 +229,42 @@ def test_model_with_a_swapped_panel_is_refused(trained: dict, small_pair: tuple[
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.safetensors").write_bytes((trained["model"] / "model.safetensors").read_bytes())
-    assert run_cli("select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(model / "panel.json"),
-                   "--peaks-per-type", "30", "-q").exit_code == 0
+    assert (
+        run_cli(
+            "select-peaks",
+            str(small_pair[0]),
+            "-l",
+            "cell_type",
+            "-o",
+            str(model / "panel.json"),
+            "--peaks-per-type",
+            "30",
+            "-q",
+        ).exit_code
+        == 0
+    )
     result = run_cli("predict", "-m", str(model), "-s", str(trained["query"]), "-o", str(tmp_path / "p"), "-q")
     assert result.exit_code == 2 and "not the panel" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "exactly one query"),
-    (["--min-confidence", "1.5"], "not a probability"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "exactly one query"),
+        (["--min-confidence", "1.5"], "not a probability"),
+    ],
+)
 def test_predict_option_errors(trained: dict, tmp_path: Path, args: list[str], message: str) -> None:
-    result = run_cli("predict", "-m", str(trained["model"]), "-o", str(tmp_path / "p"), "-q", *args,
-                     *(["-s", str(trained["query"])] if args else []))
+    result = run_cli(
+        "predict",
+        "-m",
+        str(trained["model"]),
+        "-o",
+        str(tmp_path / "p"),
+        "-q",
+        *args,
+        *(["-s", str(trained["query"])] if args else []),
+    )
     assert result.exit_code == 2 and message in result.stderr
 
 
@@ -175,5 +272,31 @@ def test_missing_model_and_existing_output_are_refused(trained: dict, tmp_path: 
     result = run_cli("predict", "-m", str(tmp_path / "none"), "-s", str(trained["query"]), "-o", str(tmp_path / "p"))
     assert result.exit_code == 2 and "model.safetensors" in result.stderr
     (tmp_path / "exists").mkdir()
-    result = run_cli("predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(tmp_path / "exists"))
+    result = run_cli(
+        "predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(tmp_path / "exists")
+    )
     assert result.exit_code == 2 and "--overwrite" in result.stderr
+
+
+def test_every_artifact_kind_is_told_apart(trained: dict, tmp_path: Path) -> None:
+    from hitanno_cli import artifacts
+
+    pred = tmp_path / "pred"
+    assert (
+        run_cli("predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(pred), "-q").exit_code
+        == 0
+    )
+    kinds = {
+        trained["panel"]: artifacts.PANEL,
+        trained["query"]: artifacts.SENTENCES,
+        trained["model"]: artifacts.MODEL,
+        trained["model"] / "model.safetensors": artifacts.MODEL,
+        pred: artifacts.PREDICTIONS,
+        pred / "predictions.csv": artifacts.PREDICTIONS,
+        pred / "embeddings.zarr": artifacts.PREDICTIONS,
+        trained["query_h5ad"]: None,
+        tmp_path / "absent": None,
+    }
+    assert {path: artifacts.kind_of(path) for path in kinds} == kinds
+    (tmp_path / "other.json").write_text('{"header": {"no": "format"}}')
+    assert artifacts.kind_of(tmp_path / "other.json") is None

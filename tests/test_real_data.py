@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-
+import pytest
 from conftest import granja_path, run_cli
+
 from hitanno_cli.panel import Panel
 from hitanno_cli.sentences import SentenceStore
 
 
+@pytest.mark.slow
 def test_granja_cross_donor_select_and_encode(tmp_path) -> None:
     full = ad.read_h5ad(granja_path())
     paths = {}
@@ -33,5 +35,6 @@ def test_granja_cross_donor_select_and_encode(tmp_path) -> None:
         assert store.labels().tolist() == subset.obs["cell_type"].astype(str).tolist()
         dense = store.read_dense(0, 500)
         assert dense.shape == (500, 16, 625)
-        np.testing.assert_array_equal(dense.reshape(500, -1).sum(axis=1),
-                                      (subset.X[:500] > 0).sum(axis=1).A1)  # every open peak kept
+        np.testing.assert_array_equal(
+            dense.reshape(500, -1).sum(axis=1), (subset.X[:500] > 0).sum(axis=1).A1
+        )  # every open peak kept

@@ -8,25 +8,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from test_training import TINY_CLI
 
 from hitanno_cli.batches import OpenRows
 from hitanno_cli.checkpoint import read_metadata
 from hitanno_cli.errors import UserError
 from hitanno_cli.model import HitAnno, ModelConfig
 from hitanno_cli.sentences import SentenceStore
-from hitanno_cli.training import (RECIPES, TrainOptions, drop_open_peaks, lsi_peak_embeddings, parameter_groups,
-                                  recipe_options, reference_tfidf)
-from conftest import run_cli
-from test_training import TINY_CLI
+from hitanno_cli.training import RECIPES, TrainOptions, recipe_options
+from hitanno_cli.training.data import drop_open_peaks, lsi_peak_embeddings, reference_tfidf
+from hitanno_cli.training.objective import parameter_groups
 
 
 def test_default_recipe_is_pinned() -> None:
     """Changing the default recipe must be deliberate: update docs/recipe.md and this test."""
     assert RECIPES["default"] == {
-        "lr": 1e-3, "batch_size": 256, "min_steps_per_epoch": 16, "optimizer": "adamw",
-        "weight_decay": 0.05, "epochs": 8, "warmup_epochs": 2.0, "val_fraction": 0.0,
-        "peak_dropout": 0.5, "label_smoothing": 0.3, "class_weight": "balanced",
-        "embed_lr_scale": 30.0, "model": {"embed_dim": 16, "linear_path": True},
+        "lr": 1e-3,
+        "batch_size": 256,
+        "min_steps_per_epoch": 16,
+        "optimizer": "adamw",
+        "weight_decay": 0.05,
+        "epochs": 8,
+        "warmup_epochs": 2.0,
+        "val_fraction": 0.0,
+        "peak_dropout": 0.5,
+        "label_smoothing": 0.3,
+        "class_weight": "balanced",
+        "embed_lr_scale": 30.0,
+        "model": {"embed_dim": 16, "linear_path": True},
     }
     default = recipe_options()
     assert (default.epochs, default.warmup_epochs, default.val_fraction, default.patience) == (8, 2.0, 0.0, 3)
@@ -55,8 +65,8 @@ def test_peak_dropout_keeps_a_seeded_subset_of_each_cells_peaks() -> None:
     dropped = drop_open_peaks(cells, 0.6, np.random.default_rng(0))
     assert dropped.n == 3 and dropped.indptr[2] - dropped.indptr[1] == 0
     for i in range(3):
-        kept = dropped.positions[dropped.indptr[i]:dropped.indptr[i + 1]]
-        assert set(kept) <= set(cells.positions[cells.indptr[i]:cells.indptr[i + 1]])
+        kept = dropped.positions[dropped.indptr[i] : dropped.indptr[i + 1]]
+        assert set(kept) <= set(cells.positions[cells.indptr[i] : cells.indptr[i + 1]])
     assert 196 * 0.4 <= dropped.indptr[3] - dropped.indptr[2] < 196  # one cell loses at most 60 %
     again = drop_open_peaks(cells, 0.6, np.random.default_rng(0))
     assert np.array_equal(again.positions, dropped.positions)
@@ -69,8 +79,9 @@ def test_lsi_embeddings_give_co_opened_peaks_similar_vectors(stores: dict) -> No
     tfidf, _ = reference_tfidf(store, rows)
     table = lsi_peak_embeddings(tfidf, 16, seed=0).numpy()
     n_positions = len(store.cell_types) * store.peaks_per_type
-    assert table.shape == (n_positions, 16) and np.sqrt((table ** 2).mean()) == pytest.approx(0.02, rel=1e-4)
-    indptr, positions = store.read_open(0, store.n_cells)
+    assert table.shape == (n_positions, 16) and np.sqrt((table**2).mean()) == pytest.approx(0.02, rel=1e-4)
+    cells = store.read_open(0, store.n_cells)
+    positions = cells.positions
     never = np.setdiff1d(np.arange(n_positions), positions)
     assert np.abs(table[never]).max() == 0 if len(never) else True
     assert np.array_equal(table, lsi_peak_embeddings(tfidf, 16, seed=0).numpy())
@@ -78,14 +89,38 @@ def test_lsi_embeddings_give_co_opened_peaks_similar_vectors(stores: dict) -> No
 
 def test_train_command_takes_the_recipe_then_explicit_flags(stores: dict, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "model"
-    result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(out),
-                     "--recipe", "published", "--epochs", "1", "--peak-dropout", "0.3", *TINY_CLI)
+    result = run_cli(
+        "train",
+        "-s",
+        str(stores["ref"]),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(out),
+        "--recipe",
+        "published",
+        "--epochs",
+        "1",
+        "--peak-dropout",
+        "0.3",
+        *TINY_CLI,
+    )
     assert result.exit_code == 0, result.stderr
     params = json.loads(read_metadata(out / "model.safetensors")["header"])["params"]
     assert params["lr"] == 1e-4 and params["optimizer"] == "adam" and params["peak_dropout"] == 0.3
     assert params["epochs"] == 1 and params["model"]["embed_dim"] == 16
-    bad = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "x"),
-                  "--recipe", "nope", *TINY_CLI)
+    bad = run_cli(
+        "train",
+        "-s",
+        str(stores["ref"]),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(tmp_path / "x"),
+        "--recipe",
+        "nope",
+        *TINY_CLI,
+    )
     assert bad.exit_code == 2 and "unknown recipe" in bad.stderr
 
 
@@ -114,7 +149,7 @@ def test_linear_path_is_the_same_on_both_level1_paths_and_tables_get_their_own_r
 def test_class_weights_weigh_cells_not_the_smoothing_mass() -> None:
     """Each cell's smoothed loss is scaled by its own class's weight; the mean divides by the
     weights' sum. (PyTorch's ``weight=`` would also weigh every other class's smoothing term.)"""
-    from hitanno_cli.training import weighted_cross_entropy
+    from hitanno_cli.training.objective import weighted_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(12, 5, generator=gen), torch.randint(0, 5, (12,), generator=gen)
@@ -123,7 +158,7 @@ def test_class_weights_weigh_cells_not_the_smoothing_mass() -> None:
     smoothed = -(0.8 * log_p[torch.arange(12), targets] + 0.2 / 5 * log_p.sum(1))
     w = weights[targets]
     expected = float((w * smoothed).sum() / w.sum())
-    assert float(weighted_cross_entropy(logits, targets, weights, 0.2)) == pytest.approx(expected, rel=1e-6)
+    assert float(weighted_cross_entropy(logits, targets, weights, smoothing=0.2)) == pytest.approx(expected, rel=1e-6)
     torch_weighted = float(torch.nn.functional.cross_entropy(logits, targets, weight=weights, label_smoothing=0.2))
     assert abs(torch_weighted - expected) > 1e-3
     plain = torch.nn.functional.cross_entropy(logits, targets, weight=weights)
@@ -131,7 +166,7 @@ def test_class_weights_weigh_cells_not_the_smoothing_mass() -> None:
 
 
 def test_batch_shrinks_to_give_small_references_enough_steps() -> None:
-    from hitanno_cli.training import effective_batch_size
+    from hitanno_cli.training.data import effective_batch_size
 
     assert effective_batch_size(256, 16, 7700) == 256
     assert effective_batch_size(256, 16, 600) == 37
@@ -163,7 +198,7 @@ def test_linear_path_reads_l2_normalised_tfidf_rows() -> None:
 
 def test_balanced_sampling_draws_rare_classes_as_often_as_common_ones(stores: dict) -> None:  # noqa: F811
     from hitanno_cli.batches import ShuffledCells
-    from hitanno_cli.training import sampling_rates, training_labels
+    from hitanno_cli.training.data import sampling_rates, training_labels
 
     store = SentenceStore(stores["ref"])
     rows, targets = training_labels(store)
@@ -172,7 +207,7 @@ def test_balanced_sampling_draws_rare_classes_as_often_as_common_ones(stores: di
     assert counts.max() >= 3 * counts[counts > 0].min()  # the fixture is imbalanced
 
     def drawn(mode: str, epoch: int) -> np.ndarray:
-        cells = ShuffledCells(store, rows, targets, 64, class_rates=sampling_rates(targets, n_types, mode))
+        cells = ShuffledCells(store, rows, targets, batch_size=64, class_rates=sampling_rates(targets, n_types, mode))
         return np.concatenate([b.targets for b in cells.epoch(seed=0, epoch=epoch)])
 
     uniform = drawn("uniform", 0)

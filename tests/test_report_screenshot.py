@@ -9,9 +9,8 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib import image as mpimg
-
 from conftest import run_cli
+from matplotlib import image as mpimg
 
 
 def _chromium() -> str:
@@ -23,13 +22,19 @@ def _chromium() -> str:
         pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
     try:
         subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, capture_output=True, timeout=600,
-                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
     except (subprocess.SubprocessError, OSError) as err:
         pytest.skip(f"could not install Debian's chromium: {err}")
     return shutil.which("chromium") or pytest.skip("chromium install did not provide /usr/bin/chromium")
 
 
+@pytest.mark.slow
 def test_report_screenshot_shows_heatmap_and_table(tmp_path) -> None:
     import anndata as ad
 
@@ -40,16 +45,43 @@ def test_report_screenshot_shows_heatmap_and_table(tmp_path) -> None:
     ids = [f"c{i}" for i in range(300)]
     (tmp_path / "pred").mkdir()
     pd.DataFrame({"cell_id": ids, "predicted": pred}).to_csv(tmp_path / "pred" / "predictions.csv", index=False)
-    ad.AnnData(X=np.zeros((300, 2), np.float32), obs=pd.DataFrame({"t": truth}, index=ids)).write_h5ad(tmp_path / "q.h5ad")
+    ad.AnnData(X=np.zeros((300, 2), np.float32), obs=pd.DataFrame({"t": truth}, index=ids)).write_h5ad(
+        tmp_path / "q.h5ad"
+    )
     out = tmp_path / "report"
-    assert run_cli("evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"), "--truth",
-                   str(tmp_path / "q.h5ad"), "-l", "t", "-o", str(out), "-q").exit_code == 0
+    assert (
+        run_cli(
+            "evaluate",
+            "--predictions",
+            str(tmp_path / "pred" / "predictions.csv"),
+            "--truth",
+            str(tmp_path / "q.h5ad"),
+            "-l",
+            "t",
+            "-o",
+            str(out),
+            "-q",
+        ).exit_code
+        == 0
+    )
     shot = tmp_path / "shot.png"
     chromium = _chromium()
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1100,1400",
-           f"--screenshot={shot}", (out / "report.html").as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1100,1400",
+        f"--screenshot={shot}",
+        (out / "report.html").as_uri(),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     pixels = mpimg.imread(shot)[..., :3]
     red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]

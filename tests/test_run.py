@@ -8,11 +8,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
-TINY = ["--epochs", "2", "--lr", "1e-3", "--train-option", "embed_dim=16", "--train-option", "level1_heads=2",
-        "--train-option", "level2_heads=2", "--train-option", "level1_ff=16", "--train-option", "level2_ff=16",
-        "--train-option", "head_hidden=8", "--peaks-per-type", "40"]
+TINY = [
+    "--epochs",
+    "2",
+    "--lr",
+    "1e-3",
+    "--train-option",
+    "embed_dim=16",
+    "--train-option",
+    "level1_heads=2",
+    "--train-option",
+    "level2_heads=2",
+    "--train-option",
+    "level1_ff=16",
+    "--train-option",
+    "level2_ff=16",
+    "--train-option",
+    "head_hidden=8",
+    "--peaks-per-type",
+    "40",
+]
 
 
 def _stages(out: Path) -> dict[str, str]:
@@ -20,6 +38,7 @@ def _stages(out: Path) -> dict[str, str]:
     return {name: s["status"] for name, s in manifest["stages"].items()}
 
 
+@pytest.mark.slow
 def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -> None:
     ref, query = small_pair
     out = tmp_path / "run"
@@ -36,15 +55,24 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
     assert json.loads((out / "run.json").read_text())["stages"]["train"]["finished"] == first_train
 
     assert run_cli(*base, "--min-confidence", "0.9").exit_code == 0
-    assert _stages(out) == {"select-peaks": "cached", "encode-reference": "cached", "encode-query": "cached",
-                            "train": "cached", "predict": "ran", "evaluate": "ran"}
+    assert _stages(out) == {
+        "select-peaks": "cached",
+        "encode-reference": "cached",
+        "encode-query": "cached",
+        "train": "cached",
+        "predict": "ran",
+        "evaluate": "ran",
+    }
     n_unassigned = (out / "predictions" / "predictions.csv").read_text().count(",Unassigned,")
     assert json.loads((out / "report" / "metrics.json").read_text())["unassigned"]["n"] == n_unassigned
 
     assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2").exit_code == 0
     assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "evaluate"]
 
-    assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--from", "encode-query").exit_code == 0
+    assert (
+        run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--from", "encode-query").exit_code
+        == 0
+    )
     assert [n for n, s in _stages(out).items() if s == "ran"] == ["encode-query", "train", "predict", "evaluate"]
 
     # self-training on the query retrains (now downstream of the query's store too) and predicts anew
@@ -58,14 +86,19 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
     assert bad.exit_code == 2 and "known key" in bad.stderr
 
 
+@pytest.mark.slow
 def test_demo_script_runs_simulate_and_run(tmp_path) -> None:
-    env = dict(os.environ, HITANNO=f"{sys.executable} -m hitanno_cli",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-               SIM_ARGS="--n-ref 400 --n-query 200 --n-peaks 500 --n-types 4 -q",
-               RUN_ARGS=" ".join(TINY) + " -q")
+    env = dict(
+        os.environ,
+        HITANNO=f"{sys.executable} -m hitanno_cli",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        SIM_ARGS="--n-ref 400 --n-query 200 --n-peaks 500 --n-types 4 -q",
+        RUN_ARGS=" ".join(TINY) + " -q",
+    )
     script = Path(__file__).resolve().parents[1] / "examples" / "demo.sh"
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "demo")], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        ["bash", str(script), str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "demo" / "run" / "report" / "report.html").exists()
     assert "report:" in proc.stdout

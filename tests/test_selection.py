@@ -69,11 +69,13 @@ def test_streamed_tfidf_ttest_equals_dense_scipy(tmp_path, monkeypatch, cache_by
 
 def test_rare_first_merge_on_hand_made_case() -> None:
     # peak:           0    1    2    3    4    5
-    scores = np.array([
-        [9.0, 8.0, 7.0, 1.0, 0.5, 0.1],  # common type (100 cells)
-        [8.5, 0.0, 0.0, 9.0, 0.2, 0.0],  # rare type (10 cells)
-        [9.5, 9.4, 0.0, 0.0, 0.0, 5.0],  # middle type (50 cells)
-    ])
+    scores = np.array(
+        [
+            [9.0, 8.0, 7.0, 1.0, 0.5, 0.1],  # common type (100 cells)
+            [8.5, 0.0, 0.0, 9.0, 0.2, 0.0],  # rare type (10 cells)
+            [9.5, 9.4, 0.0, 0.0, 0.0, 5.0],  # middle type (50 cells)
+        ]
+    )
     order, sets = rare_first_sets(scores, np.array([100, 10, 50]), peaks_per_type=2, n_candidates=6300)
     assert order == [1, 2, 0]
     assert sets[0].tolist() == [3, 0]  # rare takes its best two
@@ -110,6 +112,6 @@ def test_select_peaks_on_simulated_reference(small_pair, small_panel) -> None:
 
 
 def test_select_peaks_default_size_is_capped_and_exclusion_works(small_pair) -> None:
-    panel = select_peaks(small_pair[0], "cell_type", exclude_types=["type_00_L0"])
+    panel = select_peaks(small_pair[0], label_key="cell_type", exclude_types=["type_00_L0"])
     assert "type_00_L0" not in panel.cell_types and panel.n_types == 3
     assert panel.peaks_per_type == min(published_peaks_per_type(3), 600 // 3)

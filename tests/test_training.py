@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from hitanno_cli import console
 from hitanno_cli.batches import OpenRows, ShuffledCells, split_for_rank
 from hitanno_cli.checkpoint import read_metadata
 from hitanno_cli.sentences import SentenceStore
-from hitanno_cli.training import Interrupted, TrainOptions, lr_factor, stratified_split, train
-from conftest import run_cli
+from hitanno_cli.training import Interrupted, TrainOptions, train
+from hitanno_cli.training.data import stratified_split
+from hitanno_cli.training.objective import lr_factor
 
 TINY = {"embed_dim": 16, "level1_heads": 2, "level1_ff": 16, "level2_heads": 2, "level2_ff": 16, "head_hidden": 8}
 TINY_CLI = ["--embed-dim", "16", "--heads", "2", "--ff", "16", "--head-hidden", "8", "--device", "cpu", "-q"]
@@ -46,7 +48,8 @@ def test_epochs_cover_every_cell_once_in_a_seeded_order(stores: dict, buffer_cel
     assert sorted(seen.tolist()) == rows.tolist()
     assert len(epoch0) == cells.n_batches()
     assert all(np.array_equal(b.targets, b.rows % 4) for b in epoch0)
-    indptr, positions = store.read_open(int(epoch0[0].rows[0]), int(epoch0[0].rows[0]) + 1)
+    first = store.read_open(int(epoch0[0].rows[0]), int(epoch0[0].rows[0]) + 1)
+    positions = first.positions
     assert epoch0[0].open.take(np.array([0])).positions.tolist() == positions.tolist()
     again = np.concatenate([b.rows for b in cells.epoch(seed=1, epoch=0)])
     other = np.concatenate([b.rows for b in cells.epoch(seed=1, epoch=1)])
@@ -79,11 +82,29 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
 # -- the command ------------------------------------------------------------------------------
 def test_train_writes_a_self_describing_checkpoint(stores: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(out),
-                     "--epochs", "2", "--class-weight", "balanced", "--val-fraction", "0.25", *TINY_CLI)
+    result = run_cli(
+        "train",
+        "-s",
+        str(stores["ref"]),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(out),
+        "--epochs",
+        "2",
+        "--class-weight",
+        "balanced",
+        "--val-fraction",
+        "0.25",
+        *TINY_CLI,
+    )
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors", "panel.json",
-                                                     "train_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.jsonl",
+        "model.safetensors",
+        "panel.json",
+        "train_config.json",
+    ]
     # readable by the group like every other artifact (safetensors writes owner-only files)
     assert (out / "model.safetensors").stat().st_mode & 0o044 == (out / "panel.json").stat().st_mode & 0o044
     meta = read_metadata(out / "model.safetensors")
@@ -101,28 +122,31 @@ def _options() -> TrainOptions:
     return TrainOptions(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=1, min_epochs=1, model=dict(TINY))
 
 
+@pytest.mark.slow
 def test_resume_after_a_signal_gives_the_uninterrupted_weights(stores: dict, tmp_path: Path) -> None:
     console.set_quiet(True)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(stores["ref"], stores["panel"], straight, _options(), device="cpu")
+    train(stores["ref"], panel=stores["panel"], output=straight, options=_options(), device="cpu")
 
     def interrupt(epoch: int, step: int) -> None:
         if epoch == 1 and step == 9:  # in the middle of the second epoch (6 steps per epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(Interrupted):
-        train(stores["ref"], stores["panel"], broken, _options(), device="cpu", on_batch=interrupt)
+        train(stores["ref"], panel=stores["panel"], output=broken, options=_options(), device="cpu", on_batch=interrupt)
     assert (broken / "resume" / "state.safetensors").is_file() and not (broken / "model.safetensors").exists()
     assert len((broken / "metrics.jsonl").read_text().splitlines()) == 1  # state at the epoch-1 boundary
     refused = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(broken), *TINY_CLI)
     assert refused.exit_code == 2 and "--resume" in refused.stderr
-    train(stores["ref"], stores["panel"], broken, _options(), device="cpu", resume=True)
+    train(stores["ref"], panel=stores["panel"], output=broken, options=_options(), device="cpu", resume=True)
     a, b = load_file(straight / "model.safetensors"), load_file(broken / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     def metrics(path: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (path / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert metrics(straight) == metrics(broken) and len(metrics(straight)) == 3
     assert not (broken / "resume").exists()
@@ -132,11 +156,27 @@ def test_resume_after_a_signal_gives_the_uninterrupted_weights(stores: dict, tmp
 def test_two_gloo_processes_train_and_write_one_checkpoint(stores: dict, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc-per-node", "2", "-m", "hitanno_cli", "train", "-s", str(stores["ref"]),
-               "-p", str(stores["panel"]), "-o", str(out), "--epochs", "2", *TINY_CLI]
+    command = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "hitanno_cli",
+        "train",
+        "-s",
+        str(stores["ref"]),
+        "-p",
+        str(stores["panel"]),
+        "-o",
+        str(out),
+        "--epochs",
+        "2",
+        *TINY_CLI,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).resolve().parents[1]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     header = json.loads(read_metadata(out / "model.safetensors")["header"])
     assert header["params"]["world_size"] == 2
@@ -147,16 +187,21 @@ def test_two_gloo_processes_train_and_write_one_checkpoint(stores: dict, tmp_pat
 
 # -- bad input ----------------------------------------------------------------------------------
 def test_missing_store_is_one_line_exit_2(stores: dict, tmp_path: Path) -> None:
-    result = run_cli("train", "-s", str(tmp_path / "nope.zarr"), "-p", str(stores["panel"]),
-                     "-o", str(tmp_path / "m"), *TINY_CLI)
+    result = run_cli(
+        "train", "-s", str(tmp_path / "nope.zarr"), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"), *TINY_CLI
+    )
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
 
 
 def test_store_of_another_panel_is_refused(stores: dict, small_pair: tuple[Path, Path], tmp_path: Path) -> None:
     other = tmp_path / "other.json"
-    assert run_cli("select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(other),
-                   "--peaks-per-type", "30", "-q").exit_code == 0
+    assert (
+        run_cli(
+            "select-peaks", str(small_pair[0]), "-l", "cell_type", "-o", str(other), "--peaks-per-type", "30", "-q"
+        ).exit_code
+        == 0
+    )
     result = run_cli("train", "-s", str(stores["ref"]), "-p", str(other), "-o", str(tmp_path / "m"), *TINY_CLI)
     assert result.exit_code == 2 and "another panel" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
@@ -164,15 +209,17 @@ def test_store_of_another_panel_is_refused(stores: dict, small_pair: tuple[Path,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_gpu_without_cuda_is_refused(stores: dict, tmp_path: Path) -> None:
-    result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"),
-                     "--gpu", "0", "-q")
+    result = run_cli(
+        "train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"), "--gpu", "0", "-q"
+    )
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_resume_without_an_interrupted_run_is_refused(stores: dict, tmp_path: Path) -> None:
-    result = run_cli("train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"),
-                     "--resume", *TINY_CLI)
+    result = run_cli(
+        "train", "-s", str(stores["ref"]), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"), "--resume", *TINY_CLI
+    )
     assert result.exit_code == 2 and "no interrupted run" in result.stderr
 
 

@@ -1,4 +1,4 @@
-"""The cell graph (SPEC §2.2) and Leiden clustering, all scipy-sparse.
+"""The cell graph of AttentionAE-sc and Leiden clustering, all scipy-sparse.
 
 Neighbours come from scikit-learn (exact, cosine by default). ``n_neighbors`` counts
 the cell itself, as in ``scanpy.pp.neighbors`` which the published code calls: 15 means
@@ -53,8 +53,10 @@ class GraphConfig:
 def check_neighbors(n_cells: int, n_neighbors: int) -> None:
     """Refuse a graph with more neighbours than there are cells."""
     if n_cells < n_neighbors:
-        raise UserError(f"only {n_cells} cells with counts, fewer than --n-neighbors {n_neighbors}",
-                        f"pass --n-neighbors {max(n_cells, 2)} or less, or more cells")
+        raise UserError(
+            f"only {n_cells} cells with counts, fewer than --n-neighbors {n_neighbors}",
+            f"pass --n-neighbors {max(n_cells, 2)} or less, or more cells",
+        )
 
 
 def nearest_neighbors(x: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
@@ -193,8 +195,13 @@ def leiden(graph: sp.csr_matrix, resolution: float, seed: int) -> np.ndarray:
     upper = sp.triu(graph, k=1).tocoo()
     g = igraph.Graph(n=graph.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(), directed=False)
     partition = leidenalg.find_partition(
-        g, leidenalg.RBConfigurationVertexPartition, weights=upper.data.astype(np.float64).tolist(),
-        resolution_parameter=resolution, n_iterations=-1, seed=seed)
+        g,
+        leidenalg.RBConfigurationVertexPartition,
+        weights=upper.data.astype(np.float64).tolist(),
+        resolution_parameter=resolution,
+        n_iterations=-1,
+        seed=seed,
+    )
     return relabel_by_size(np.asarray(partition.membership, dtype=np.int64))
 
 

@@ -8,8 +8,8 @@ The output directory (written atomically) holds:
   cells without counts), ``cell_ids``, ``cluster``; the artifact header in its attributes;
 * ``model.safetensors`` — the network weights, ``centroids`` and the preprocessing
   tensors (z-score statistics; for scATAC-seq the LSI's IDF and components) under
-  ``transform.*``; its metadata holds the header, the model/graph/training
-  configuration and the gene (or peak) list as JSON strings;
+  ``transform.*``; its metadata holds the header (key ``header``, as annotation models),
+  the model/graph/training configuration and the gene (or peak) list as JSON strings;
 * ``metrics.json`` — silhouette and Davies–Bouldin on the embedding, ARI and NMI with
   ``--label-key``, cluster sizes, what training did and how long it took;
 * ``umap.png`` — the embedding in 2-d (UMAP with ``umap-learn``, else PCA), coloured by
@@ -30,7 +30,7 @@ import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from hitanno_cli import artifacts
+from hitanno_cli import artifacts, plotting
 from hitanno_cli.clustering.graph import GraphConfig
 from hitanno_cli.clustering.model import AttentionAE, ModelConfig
 from hitanno_cli.clustering.preprocess import Transform
@@ -43,6 +43,8 @@ METRICS = "metrics.json"
 PICTURE = "umap.png"
 #: Silhouette is quadratic in cells: above this many it is computed on a seeded sample.
 SILHOUETTE_SAMPLE = 10_000
+#: The safetensors metadata key of the artifact header; files written before used the second.
+HEADER_KEY, OLD_HEADER_KEY = "header", "hitanno"
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -59,15 +61,24 @@ class SavedModel:
     header: dict[str, Any]
 
 
-def save_model(path: Path, model: AttentionAE, centroids: np.ndarray, transform: Transform,
-               graph_config: GraphConfig, train_config: dict[str, Any], header: dict[str, Any]) -> None:
+def save_model(
+    path: Path,
+    model: AttentionAE,
+    *,
+    centroids: np.ndarray,
+    transform: Transform,
+    graph_config: GraphConfig,
+    train_config: dict[str, Any],
+    header: dict[str, Any],
+) -> None:
+    """Write ``model.safetensors``: weights, centroids, preprocessing and configuration."""
     tensors = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     tensors["centroids"] = np.ascontiguousarray(centroids, dtype=np.float32)
     tensors["transform.target_index"] = np.asarray(transform.target_index, dtype=np.int64)
     for name, value in transform.tensors.items():
         tensors[f"transform.{name}"] = np.ascontiguousarray(value)
     metadata = {
-        "hitanno": json.dumps(header),
+        HEADER_KEY: json.dumps(header),
         "model_config": json.dumps(model.config.to_dict()),
         "graph_config": json.dumps(graph_config.__dict__),
         "train_config": json.dumps(train_config),
@@ -86,22 +97,35 @@ def load_model(path: str | Path) -> SavedModel:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
-        header = json.loads(metadata["hitanno"])
+        header = json.loads(metadata[HEADER_KEY if HEADER_KEY in metadata else OLD_HEADER_KEY])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError):
-        raise UserError(f"{path} is not a hitanno cluster model", "pass the model.safetensors that hitanno cluster wrote") from None
+        raise UserError(
+            f"{path} is not a hitanno cluster model", "pass the model.safetensors that hitanno cluster wrote"
+        ) from None
     artifacts.check_header(header, artifacts.CLUSTER_MODEL, path)
     config = ModelConfig(**json.loads(metadata["model_config"]))
     model = AttentionAE(config)
-    state = {k[len("model."):]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.eval()
-    extra = {k[len("transform."):]: v for k, v in tensors.items()
-             if k.startswith("transform.") and k != "transform.target_index"}
-    transform = Transform(metadata["modality"], json.loads(metadata["features"]),
-                          tensors["transform.target_index"], extra)
+    extra = {
+        k[len("transform.") :]: v
+        for k, v in tensors.items()
+        if k.startswith("transform.") and k != "transform.target_index"
+    }
+    transform = Transform(
+        metadata["modality"], json.loads(metadata["features"]), tensors["transform.target_index"], extra
+    )
     train_config = json.loads(metadata["train_config"])
-    return SavedModel(model, tensors["centroids"], transform, GraphConfig(**json.loads(metadata["graph_config"])),
-                      int(train_config["batch_size"]), int(train_config["seed"]), header)
+    return SavedModel(
+        model,
+        tensors["centroids"],
+        transform,
+        GraphConfig(**json.loads(metadata["graph_config"])),
+        int(train_config["batch_size"]),
+        int(train_config["seed"]),
+        header,
+    )
 
 
 # -- tables and arrays --------------------------------------------------------------------------
@@ -119,7 +143,7 @@ def write_labels(path: Path, cell_ids: np.ndarray, labels: np.ndarray, kept: np.
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["cell_id", "cluster"])
-        for cell, cluster in zip(cell_ids, column):
+        for cell, cluster in zip(cell_ids, column, strict=True):
             writer.writerow([cell, "" if cluster is None else int(cluster)])
 
 
@@ -129,8 +153,15 @@ def read_labels(path: str | Path) -> dict[str, int | None]:
         return {row["cell_id"]: (int(row["cluster"]) if row["cluster"] else None) for row in csv.DictReader(handle)}
 
 
-def write_embedding(path: Path, cell_ids: np.ndarray, z: np.ndarray, labels: np.ndarray, kept: np.ndarray,
-                    header: dict[str, Any]) -> None:
+def write_embedding(
+    path: Path,
+    cell_ids: np.ndarray,
+    z: np.ndarray,
+    *,
+    labels: np.ndarray,
+    kept: np.ndarray,
+    header: dict[str, Any],
+) -> None:
     """``embedding.zarr``: the latent codes of all input cells (NaN rows where dropped)."""
     full = np.full((kept.size, z.shape[1]), np.nan, dtype=np.float32)
     full[kept] = z
@@ -142,24 +173,32 @@ def write_embedding(path: Path, cell_ids: np.ndarray, z: np.ndarray, labels: np.
     group.create_array("cluster", shape=clusters.shape, chunks=(chunk,), dtype="int64", fill_value=-1)[:] = clusters
     ids = np.asarray(cell_ids, dtype=str)
     group.create_array("cell_ids", shape=ids.shape, chunks=(chunk,), dtype=str)[:] = ids
-    group.attrs["hitanno"] = {"header": header, "n_cells": int(kept.size), "n_kept": int(kept.sum()),
-                              "cluster_missing": -1}
+    group.attrs["hitanno"] = {
+        "header": header,
+        "n_cells": int(kept.size),
+        "n_kept": int(kept.sum()),
+        "cluster_missing": -1,
+    }
 
 
 # -- metrics and picture ----------------------------------------------------------------------------
 def cluster_metrics(z: np.ndarray, labels: np.ndarray, truth: np.ndarray | None, seed: int) -> dict[str, Any]:
     """Silhouette (on a sample above :data:`SILHOUETTE_SAMPLE` cells) and Davies–Bouldin
     of the clusters in the embedding; ARI and NMI against ``truth`` (cells with a label)."""
-    from sklearn.metrics import (adjusted_rand_score, davies_bouldin_score, normalized_mutual_info_score,
-                                 silhouette_score)
+    from sklearn.metrics import (
+        adjusted_rand_score,
+        davies_bouldin_score,
+        normalized_mutual_info_score,
+        silhouette_score,
+    )
 
     n_clusters = int(np.unique(labels).size)
-    out: dict[str, Any] = {"n_clusters": n_clusters,
-                           "cluster_sizes": np.bincount(labels).tolist()}
+    out: dict[str, Any] = {"n_clusters": n_clusters, "cluster_sizes": np.bincount(labels).tolist()}
     if 1 < n_clusters < z.shape[0]:
         sample = min(z.shape[0], SILHOUETTE_SAMPLE)
-        out["silhouette"] = float(silhouette_score(z, labels, sample_size=sample if sample < z.shape[0] else None,
-                                                   random_state=seed))
+        out["silhouette"] = float(
+            silhouette_score(z, labels, sample_size=sample if sample < z.shape[0] else None, random_state=seed)
+        )
         out["silhouette_cells"] = sample
         out["davies_bouldin"] = float(davies_bouldin_score(z, labels))
     else:
@@ -172,30 +211,24 @@ def cluster_metrics(z: np.ndarray, labels: np.ndarray, truth: np.ndarray | None,
     return out
 
 
-def project_2d(z: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    """UMAP of the embedding when ``umap-learn`` is installed, else its first two PCs."""
-    try:
-        import umap  # type: ignore[import-not-found]
-    except ImportError:
-        from sklearn.decomposition import PCA
-
-        return PCA(n_components=2, random_state=seed).fit_transform(z), "PCA"
-    return umap.UMAP(random_state=seed).fit_transform(z), "UMAP"
-
-
-def plot_embedding(path: Path, xy: np.ndarray, method: str, labels: np.ndarray,
-                   truth: np.ndarray | None, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_embedding(
+    path: Path,
+    xy: np.ndarray,
+    *,
+    method: str,
+    labels: np.ndarray,
+    truth: np.ndarray | None,
+    title: str,
+) -> None:
+    """``umap.png``: the 2-d map ``xy`` (made by ``method``) coloured by cluster and,
+    with ``truth``, by the given labels."""
+    plt = plotting.pyplot()
     panels = [("cluster", labels.astype(str))]
     if truth is not None:
         panels.append(("given label", np.array(["(none)" if t is None else str(t) for t in truth])))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
     size = max(0.5, min(8.0, 4000.0 / max(len(xy), 1)))
-    for ax, (name, values) in zip(axes[0], panels):
+    for ax, (name, values) in zip(axes[0], panels, strict=True):
         cats, codes = np.unique(values, return_inverse=True)
         cmap = plt.get_cmap("tab20" if cats.size <= 20 else "nipy_spectral", max(cats.size, 2))
         for i, cat in enumerate(cats):
@@ -207,8 +240,13 @@ def plot_embedding(path: Path, xy: np.ndarray, method: str, labels: np.ndarray,
         ax.set_xticks([])
         ax.set_yticks([])
         if cats.size <= 40:
-            ax.legend(markerscale=max(1.0, 6.0 / size), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                      frameon=False)
+            ax.legend(
+                markerscale=max(1.0, 6.0 / size),
+                fontsize=7,
+                loc="center left",
+                bbox_to_anchor=(1.0, 0.5),
+                frameon=False,
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Losses of AttentionAE (SPEC §2.3–2.5): ZINB / Bernoulli reconstruction, the graph
+"""Losses of AttentionAE-sc, as published: ZINB / Bernoulli reconstruction, the graph
 decoder's reconstruction of the cell graph, and DEC's Student-t clustering loss."""
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ def zinb_nll(x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor, pi_logit: 
     a logit, so ``log π`` and ``log(1-π)`` are exact where a sigmoid would saturate.
     """
     log_theta_mu = torch.log(disp + mean)
-    nb_log = (torch.lgamma(x + disp) - torch.lgamma(disp) - torch.lgamma(x + 1.0)
-              + disp * (torch.log(disp) - log_theta_mu) + x * (torch.log(mean) - log_theta_mu))
+    nb_log = (
+        torch.lgamma(x + disp)
+        - torch.lgamma(disp)
+        - torch.lgamma(x + 1.0)
+        + disp * (torch.log(disp) - log_theta_mu)
+        + x * (torch.log(mean) - log_theta_mu)
+    )
     log_pi = -F.softplus(-pi_logit)
     log_one_minus_pi = -F.softplus(pi_logit)
     zero_nb = disp * (torch.log(disp) - log_theta_mu)
@@ -72,9 +77,19 @@ def graph_loss_sparse(h_rows: torch.Tensor, h_cols: torch.Tensor, pairs: GraphPa
 class GraphPairs:
     """Edges and non-edges of a batch's rows, in the batch's column numbering (tensors)."""
 
-    def __init__(self, edge_rows, edge_cols, edge_weight, non_rows, non_cols, non_scale, n_total: int,
-                 device: torch.device | str = "cpu") -> None:
-        def t(a, dtype):
+    def __init__(
+        self,
+        *,
+        edge_rows: np.ndarray,
+        edge_cols: np.ndarray,
+        edge_weight: np.ndarray,
+        non_rows: np.ndarray,
+        non_cols: np.ndarray,
+        non_scale: np.ndarray,
+        n_total: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
         self.edge_rows, self.edge_cols = t(edge_rows, torch.long), t(edge_cols, torch.long)
@@ -93,7 +108,9 @@ def all_non_edges(rows: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return r, c
 
 
-def sample_non_edges(rows: sp.csr_matrix, per_row: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_non_edges(
+    rows: sp.csr_matrix, per_row: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``per_row`` uniform draws of columns per row, edges rejected; returns rows, columns
     and the weight ``(n_cols - degree) / kept draws`` of each kept draw."""
     n_rows, n_cols = rows.shape

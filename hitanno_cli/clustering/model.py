@@ -1,4 +1,4 @@
-"""AttentionAE (SPEC §2.3): a denoising autoencoder fused with a GCN by cross-cell attention.
+"""AttentionAE-sc: a denoising autoencoder fused with a GCN by cross-cell attention.
 
 Layout as published: encoder ``n_input → 256 → 64 → 16`` (ReLU + BatchNorm on the two
 hidden layers, Gaussian noise of σ 0.1 × |input| before each layer while training); a
@@ -13,7 +13,7 @@ scATAC-seq, to one Bernoulli logit per target peak. The graph decoder
 What differs from the published code is only *where the cells come from*: every
 operation takes a batch of query cells. The GCN reads a sparse adjacency whose rows are
 the batch and whose columns are ``[batch cells, other cells]``; features of the other
-cells come from a cache (see :mod:`.train`). Attention runs across the cells of the
+cells come from a cache (see :mod:`.trainer`). Attention runs across the cells of the
 batch, or across an explicit key set at inference. When the batch is all cells, this is
 the published full-batch computation.
 """
@@ -177,8 +177,9 @@ class AttentionAE(nn.Module):
         return Reconstruction(mean=mean, disp=disp, pi_logit=self.calcu_pi(d))
 
     # -- a batch --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, adj: torch.Tensor, e1_out: torch.Tensor | None = None,
-                h1_out: torch.Tensor | None = None) -> Output:
+    def forward(
+        self, x: torch.Tensor, adj: torch.Tensor, e1_out: torch.Tensor | None = None, h1_out: torch.Tensor | None = None
+    ) -> Output:
         """One batch of cells.
 
         ``adj`` is ``[batch, batch + n_out]``: the graph rows of the batch cells, columns

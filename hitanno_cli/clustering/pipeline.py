@@ -1,5 +1,4 @@
-"""``hitanno cluster`` end to end: read, preprocess, train, assign, write; and applying a
-saved model to data again."""
+"""``hitanno cluster`` end to end: read, preprocess, train, assign, write."""
 
 from __future__ import annotations
 
@@ -12,18 +11,25 @@ from typing import Any
 
 import numpy as np
 
-from hitanno_cli import artifacts, console
-from hitanno_cli.allocator import keep_freed_memory
+from hitanno_cli import artifacts, console, plotting
 from hitanno_cli.clustering import io
+from hitanno_cli.clustering.config import TrainConfig
 from hitanno_cli.clustering.graph import GraphConfig, check_neighbors
-from hitanno_cli.clustering.preprocess import apply, describe, prepare, read_counts
-from hitanno_cli.clustering.train import TrainConfig, embed_and_assign, fit, resolve_device
+from hitanno_cli.clustering.inference import embed_and_assign
+from hitanno_cli.clustering.preprocess import describe, prepare, read_counts
+from hitanno_cli.clustering.trainer import fit
 from hitanno_cli.errors import UserError
+from hitanno_cli.host import keep_freed_memory
+from hitanno_cli.runtime import resolve_device
+
+MODALITIES = ("rna", "atac")
+CONNECTIVITIES = ("gauss", "umap")
+ADJACENCIES = ("normalized", "raw")
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """Everything ``hitanno cluster`` is told (the published defaults, SPEC §2)."""
+    """Everything ``hitanno cluster`` is told (the published defaults of AttentionAE-sc)."""
 
     label_key: str | None = None
     modality: str = "rna"
@@ -37,21 +43,45 @@ class ClusterOptions:
     layer: str | None = None
 
     def params(self) -> dict[str, Any]:
-        return {"label_key": self.label_key, "modality": self.modality, "n_hvg": self.n_hvg,
-                "graph": self.graph.__dict__, "n_heads": self.n_heads, "adjacency": self.adjacency, "max_cells": self.max_cells,
-                "train": self.train.to_dict(), "device": self.device, "layer": self.layer}
+        """The options as the artifact header records them."""
+        return {
+            "label_key": self.label_key,
+            "modality": self.modality,
+            "n_hvg": self.n_hvg,
+            "graph": self.graph.__dict__,
+            "n_heads": self.n_heads,
+            "adjacency": self.adjacency,
+            "max_cells": self.max_cells,
+            "train": self.train.to_dict(),
+            "device": self.device,
+            "layer": self.layer,
+        }
 
     def check(self) -> None:
         """Refuse option values that cannot work, before any data is read."""
+        choices = {
+            "--modality": (self.modality, MODALITIES),
+            "--connectivity": (self.graph.connectivity, CONNECTIVITIES),
+            "--gcn-adjacency": (self.adjacency, ADJACENCIES),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"{name} '{value}' is not one of {', '.join(allowed)}", f"pass {name} {allowed[0]}")
         if self.graph.n_pcs < 0:
             raise UserError(f"--graph-pcs {self.graph.n_pcs} cannot be negative", "pass 0 (published) or more")
-        positive = {"--n-hvg": self.n_hvg, "--n-heads": self.n_heads, "--max-cells": self.max_cells,
-                    "--batch-size": self.train.batch_size}
+        positive = {
+            "--n-hvg": self.n_hvg,
+            "--n-heads": self.n_heads,
+            "--max-cells": self.max_cells,
+            "--batch-size": self.train.batch_size,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise UserError(f"{name} {value} must be at least 1", f"pass a positive {name}")
         if self.train.batch_size < 2:
-            raise UserError("--batch-size must be at least 2 (BatchNorm needs two cells)", "pass --batch-size 2 or more")
+            raise UserError(
+                "--batch-size must be at least 2 (BatchNorm needs two cells)", "pass --batch-size 2 or more"
+            )
         if self.train.pretrain_epochs < 0 or self.train.cluster_epochs < 0:
             raise UserError("epochs cannot be negative", "pass --pretrain-epochs and --cluster-epochs of 0 or more")
         if not self.train.lr > 0:
@@ -59,11 +89,72 @@ class ClusterOptions:
         if not self.train.resolution > 0:
             raise UserError(f"--resolution {self.train.resolution} must be positive", "pass e.g. --resolution 1.0")
         if self.graph.connectivity == "umap" and not self.graph.knn:
-            raise UserError("--connectivity umap builds a kNN graph; --no-knn applies to gauss only",
-                            "drop --no-knn or use --connectivity gauss")
+            raise UserError(
+                "--connectivity umap builds a kNN graph; --no-knn applies to gauss only",
+                "drop --no-knn or use --connectivity gauss",
+            )
         if self.graph.n_neighbors < 2:
-            raise UserError(f"--n-neighbors {self.graph.n_neighbors} is too small (it counts the cell itself)",
-                            "pass --n-neighbors 2 or more")
+            raise UserError(
+                f"--n-neighbors {self.graph.n_neighbors} is too small (it counts the cell itself)",
+                "pass --n-neighbors 2 or more",
+            )
+
+
+def cluster(
+    data: str | Path,
+    *,
+    output: str | Path,
+    label_key: str | None = None,
+    modality: str = "rna",
+    resolution: float = 1.0,
+    n_heads: int = 8,
+    n_hvg: int = 2500,
+    connectivity: str = "gauss",
+    knn: bool | None = None,
+    n_neighbors: int = 15,
+    graph_pcs: int = 50,
+    gcn_adjacency: str = "normalized",
+    max_cells: int = 4000,
+    pretrain_epochs: int = 200,
+    cluster_epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 4096,
+    device: str = "auto",
+    seed: int = 0,
+    layer: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Cluster the cells of the ``.h5ad`` ``data`` with AttentionAE-sc and write ``output``.
+
+    The options are those of ``hitanno cluster`` with its defaults; ``knn`` None means
+    kNN edges only for ``connectivity="umap"`` (soft Gaussian weights, as published, for
+    ``gauss``). Returns the metrics written to ``metrics.json``.
+    """
+    options = ClusterOptions(
+        label_key=label_key,
+        modality=modality,
+        n_hvg=n_hvg,
+        graph=GraphConfig(
+            n_neighbors=n_neighbors,
+            connectivity=connectivity,
+            knn=connectivity == "umap" if knn is None else knn,
+            n_pcs=graph_pcs,
+        ),
+        n_heads=n_heads,
+        adjacency=gcn_adjacency,
+        max_cells=max_cells,
+        train=TrainConfig(
+            pretrain_epochs=pretrain_epochs,
+            cluster_epochs=cluster_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            resolution=resolution,
+            seed=seed,
+        ),
+        device=device,
+        layer=layer,
+    )
+    return _run(data, output, options, overwrite=overwrite)
 
 
 def peak_rss_gib() -> float:
@@ -83,8 +174,8 @@ def relabel_centroids(labels: np.ndarray, centroids: np.ndarray) -> tuple[np.nda
     return new_id[labels], centroids[order]
 
 
-def run_cluster(data_path: str | Path, out: str | Path, options: ClusterOptions, overwrite: bool = False) -> dict[str, Any]:
-    """Cluster ``data_path`` and write the output directory ``out``; returns the metrics."""
+def _run(data_path: str | Path, out: str | Path, options: ClusterOptions, *, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`cluster` with its options gathered in ``options``."""
     start = time.perf_counter()
     out = Path(out)
     options.check()
@@ -97,17 +188,32 @@ def run_cluster(data_path: str | Path, out: str | Path, options: ClusterOptions,
     summary = describe(data)
     if summary["n_empty_cells"]:
         console.warn(f"{summary['n_empty_cells']} cells without counts are left out (empty cluster in labels.csv)")
-    console.info(f"cluster: {data.n_cells} cells × {data.features.n_features} features "
-                 f"({options.modality}) on {device}")
-    result, trainer = fit(data, options.graph, options.train, options.n_heads, device, options.max_cells,
-                          options.adjacency)
+    console.info(
+        f"cluster: {data.n_cells} cells × {data.features.n_features} features ({options.modality}) on {device}"
+    )
+    result, trainer = fit(
+        data,
+        graph_config=options.graph,
+        train_config=options.train,
+        n_heads=options.n_heads,
+        max_cells=options.max_cells,
+        device=device,
+        adjacency=options.adjacency,
+    )
     assign_start = time.perf_counter()
     if result.train_index.size == data.n_cells:
         z_t = trainer.embed()
         z, labels = z_t.cpu().numpy(), trainer.assign(z_t)
     else:
-        z, labels = embed_and_assign(result.model, result.centroids, data, options.graph,
-                                     options.train.batch_size, options.train.seed, device)
+        z, labels = embed_and_assign(
+            result.model,
+            result.centroids,
+            data,
+            graph_config=options.graph,
+            batch_size=options.train.batch_size,
+            seed=options.train.seed,
+            device=device,
+        )
     labels, centroids = relabel_centroids(labels, result.centroids)
     assign_seconds = time.perf_counter() - assign_start
 
@@ -116,42 +222,43 @@ def run_cluster(data_path: str | Path, out: str | Path, options: ClusterOptions,
     metrics = io.cluster_metrics(z, labels, data.labels, options.train.seed)
     history = result.history.summary()
     history["seconds"]["assign"] = round(assign_seconds, 2)
-    metrics.update({
-        "data": summary,
-        "n_training_cells": int(result.train_index.size),
-        "training": history,
-        "seconds_total": None,
-        "peak_rss_gib": None,
-        "device": str(device),
-        "header": header,
-    })
+    metrics.update(
+        {
+            "data": summary,
+            "n_training_cells": int(result.train_index.size),
+            "training": history,
+            "seconds_total": None,
+            "peak_rss_gib": None,
+            "device": str(device),
+            "header": header,
+        }
+    )
     with artifacts.atomic_dir(out, overwrite=overwrite) as tmp:
         io.write_labels(tmp / io.LABELS, counts.cell_ids, labels, data.kept)
-        io.write_embedding(tmp / io.EMBEDDING, counts.cell_ids, z, labels, data.kept, header)
-        io.save_model(tmp / io.MODEL, result.model, centroids, data.transform, options.graph,
-                      options.train.to_dict(), header)
-        xy, method = io.project_2d(z, options.train.seed)
-        io.plot_embedding(tmp / io.PICTURE, xy, method, labels, data.labels, Path(data_path).name)
+        io.write_embedding(tmp / io.EMBEDDING, counts.cell_ids, z, labels=labels, kept=data.kept, header=header)
+        io.save_model(
+            tmp / io.MODEL,
+            result.model,
+            centroids=centroids,
+            transform=data.transform,
+            graph_config=options.graph,
+            train_config=options.train.to_dict(),
+            header=header,
+        )
+        xy, method = plotting.two_d(z, options.train.seed)
+        io.plot_embedding(
+            tmp / io.PICTURE, xy, method=method, labels=labels, truth=data.labels, title=Path(data_path).name
+        )
         metrics["picture"] = method
         metrics["seconds_total"] = round(time.perf_counter() - start, 2)
         metrics["peak_rss_gib"] = round(peak_rss_gib(), 3)
         artifacts.write_json(tmp / io.METRICS, metrics)
-    scores = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("silhouette", "davies_bouldin", "ari", "nmi")
-                       if metrics.get(k) is not None)
-    console.info(f"cluster: {metrics['n_clusters']} clusters ({scores}) → {out}")
     return metrics
 
 
-def predict(model_path: str | Path, data_path: str | Path, device: str = "auto",
-            layer: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Apply a saved clusterer to a data set: ``(cell_ids, labels, z)`` of its cells with
-    counts. On the data it was trained on (all cells trained, ``--max-cells`` not
-    exceeded), the labels are the ones ``hitanno cluster`` wrote."""
-    saved = io.load_model(model_path)
-    dev = resolve_device(device)
-    counts = read_counts(data_path, layer=layer, integer=saved.transform.modality == "rna")
-    data = apply(counts, saved.transform)
-    check_neighbors(data.n_cells, saved.graph_config.n_neighbors)
-    z, labels = embed_and_assign(saved.model, saved.centroids, data, saved.graph_config, saved.batch_size,
-                                 saved.seed, dev)
-    return data.cell_ids, labels, z
+def summary_line(metrics: dict[str, Any], out: str | Path) -> str:
+    """One line on what :func:`cluster` found: clusters, scores and where they went."""
+    scores = ", ".join(
+        f"{k} {metrics[k]:.3f}" for k in ("silhouette", "davies_bouldin", "ari", "nmi") if metrics.get(k) is not None
+    )
+    return f"cluster: {metrics['n_clusters']} clusters ({scores}) → {out}"

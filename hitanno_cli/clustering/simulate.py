@@ -8,15 +8,25 @@ blocks, so memory is bounded by one block whatever the number of cells.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 
-def simulate_counts(n_cells: int, n_genes: int, n_clusters: int, seed: int = 0, markers: int = 40,
-                    fold: float = 4.0, mean_library: float = 2000.0, dispersion: float = 5.0,
-                    block: int = 4096) -> tuple[sp.csr_matrix, np.ndarray]:
+def simulate_counts(
+    n_cells: int,
+    n_genes: int,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    markers: int = 40,
+    fold: float = 4.0,
+    mean_library: float = 2000.0,
+    dispersion: float = 5.0,
+    block: int = 4096,
+) -> tuple[sp.csr_matrix, np.ndarray]:
     """``(counts [cells × genes] CSR float32, cluster of each cell)``."""
     rng = np.random.default_rng(seed)
     base = rng.lognormal(mean=0.0, sigma=1.5, size=n_genes)
@@ -37,14 +47,16 @@ def simulate_counts(n_cells: int, n_genes: int, n_clusters: int, seed: int = 0, 
     return sp.vstack(blocks, format="csr"), clusters
 
 
-def write_counts_h5ad(path: str | Path, n_cells: int, n_genes: int, n_clusters: int, seed: int = 0,
-                      **kwargs) -> Path:
+def write_counts_h5ad(
+    path: str | Path, n_cells: int, n_genes: int, n_clusters: int, *, seed: int = 0, **kwargs: Any
+) -> Path:
     """Simulate and write an ``.h5ad`` with ``obs['cluster']`` holding the truth."""
     import anndata as ad
 
-    counts, clusters = simulate_counts(n_cells, n_genes, n_clusters, seed, **kwargs)
-    obs = pd.DataFrame({"cluster": pd.Categorical([f"c{c}" for c in clusters])},
-                       index=[f"cell{i}" for i in range(n_cells)])
+    counts, clusters = simulate_counts(n_cells, n_genes, n_clusters, seed=seed, **kwargs)
+    obs = pd.DataFrame(
+        {"cluster": pd.Categorical([f"c{c}" for c in clusters])}, index=[f"cell{i}" for i in range(n_cells)]
+    )
     var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
     path = Path(path)
     ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(path)

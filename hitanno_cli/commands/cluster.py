@@ -1,13 +1,14 @@
-"""``cluster``: attention-autoencoder clustering of unlabelled cells (AttentionAE-sc, SPEC §2)."""
+"""``cluster``: attention-autoencoder clustering of unlabelled cells (AttentionAE-sc)."""
 
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from hitanno_cli import console
 from hitanno_cli.commands.common import Overwrite, Quiet, command
 
 
@@ -28,10 +29,12 @@ class Adjacency(str, Enum):
 
 @command
 def cluster_cmd(
-    data: Annotated[Path, typer.Argument(help=".h5ad of raw counts (cells × genes; cells × peaks with --modality atac).")],
+    data: Annotated[
+        Path, typer.Argument(help=".h5ad of raw counts (cells × genes; cells × peaks with --modality atac).")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory to write.")],
     label_key: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--label-key", "-l", help="obs column of known labels: only for ARI/NMI and the picture."),
     ] = None,
     modality: Annotated[
@@ -42,56 +45,82 @@ def cluster_cmd(
     n_hvg: Annotated[
         int, typer.Option(help="Highly variable genes kept (atac: most often open peaks reconstructed).")
     ] = 2500,
-    connectivity: Annotated[Connectivity, typer.Option(help="Cell graph weights: Gaussian kernel or UMAP.")] = Connectivity.gauss,
+    connectivity: Annotated[
+        Connectivity, typer.Option(help="Cell graph weights: Gaussian kernel or UMAP.")
+    ] = Connectivity.gauss,
     knn: Annotated[
-        Optional[bool],
-        typer.Option("--knn/--no-knn", help="Keep only kNN edges, or Gaussian weights beyond the k-th neighbour. "
-                     "Default: --no-knn for gauss (published), --knn for umap.", show_default=False),
+        bool | None,
+        typer.Option(
+            "--knn/--no-knn",
+            help="Keep only kNN edges, or Gaussian weights beyond the k-th neighbour. "
+            "Default: --no-knn for gauss (published), --knn for umap.",
+            show_default=False,
+        ),
     ] = None,
     n_neighbors: Annotated[int, typer.Option(help="Neighbours per cell, the cell itself included (as scanpy).")] = 15,
     graph_pcs: Annotated[
-        int, typer.Option(help="Search neighbours on this many principal components of the features; 0 as "
-                          "published: on the features up to 10 000 cells, PCA-50 above.")
+        int,
+        typer.Option(
+            help="Search neighbours on this many principal components of the features; 0 as "
+            "published: on the features up to 10 000 cells, PCA-50 above."
+        ),
     ] = 50,
     gcn_adjacency: Annotated[
-        Adjacency, typer.Option(help="What the GCN propagates over: normalized D^-1/2(A+I)D^-1/2, or the raw "
-                                "connectivities (published; their row sums saturate tanh).")
+        Adjacency,
+        typer.Option(
+            help="What the GCN propagates over: normalized D^-1/2(A+I)D^-1/2, or the raw "
+            "connectivities (published; their row sums saturate tanh)."
+        ),
     ] = Adjacency.normalized,
     max_cells: Annotated[
-        int, typer.Option(help="Train on at most this many cells (a random sample) and assign the rest to the "
-                          "learned centroids. The published cap was 4000; raise it freely (e.g. 50000).")
+        int,
+        typer.Option(
+            help="Train on at most this many cells (a random sample) and assign the rest to the "
+            "learned centroids. The published cap was 4000; raise it freely (e.g. 50000)."
+        ),
     ] = 4000,
     pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 200,
     cluster_epochs: Annotated[int, typer.Option(help="Most clustering epochs (stops earlier by tolerance).")] = 100,
     lr: Annotated[float, typer.Option(help="Adam learning rate of both phases.")] = 1e-3,
     batch_size: Annotated[
-        int, typer.Option(help="Cells per training step and attention keys; with at least as many cells as "
-                          "training cells this is the published full-batch training.")
+        int,
+        typer.Option(
+            help="Cells per training step and attention keys; with at least as many cells as "
+            "training cells this is the published full-batch training."
+        ),
     ] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     gpu: Annotated[bool, typer.Option("--gpu", help="Shorthand for --device cuda.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of sampling, training and Leiden.")] = 0,
-    layer: Annotated[Optional[str], typer.Option(help="Read counts from this layer instead of X.")] = None,
+    layer: Annotated[str | None, typer.Option(help="Read counts from this layer instead of X.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Cluster unlabelled cells with AttentionAE-sc: labels, embedding, model, metrics, picture."""
-    from hitanno_cli.clustering.graph import GraphConfig
-    from hitanno_cli.clustering.pipeline import ClusterOptions, run_cluster
-    from hitanno_cli.clustering.train import TrainConfig
+    from hitanno_cli.clustering import cluster
+    from hitanno_cli.clustering.pipeline import summary_line
 
-    use_knn = connectivity is Connectivity.umap if knn is None else knn
-    options = ClusterOptions(
+    metrics = cluster(
+        data=data,
+        output=output,
         label_key=label_key,
         modality=modality.value,
-        n_hvg=n_hvg,
-        graph=GraphConfig(n_neighbors=n_neighbors, connectivity=connectivity.value, knn=use_knn, n_pcs=graph_pcs),
+        resolution=resolution,
         n_heads=n_heads,
-        adjacency=gcn_adjacency.value,
+        n_hvg=n_hvg,
+        connectivity=connectivity.value,
+        knn=knn,
+        n_neighbors=n_neighbors,
+        graph_pcs=graph_pcs,
+        gcn_adjacency=gcn_adjacency.value,
         max_cells=max_cells,
-        train=TrainConfig(pretrain_epochs=pretrain_epochs, cluster_epochs=cluster_epochs, lr=lr,
-                          batch_size=batch_size, resolution=resolution, seed=seed),
+        pretrain_epochs=pretrain_epochs,
+        cluster_epochs=cluster_epochs,
+        lr=lr,
+        batch_size=batch_size,
         device="cuda" if gpu else device,
+        seed=seed,
         layer=layer,
+        overwrite=overwrite,
     )
-    run_cluster(data, output, options, overwrite=overwrite)
+    console.info(summary_line(metrics, output))

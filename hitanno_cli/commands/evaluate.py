@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import console
 from hitanno_cli.commands.common import Overwrite, Quiet, command
 
 
@@ -34,7 +34,9 @@ def evaluate_cmd(
     predictions: Annotated[Path, typer.Option("--predictions", help="predictions.csv written by hitanno predict.")],
     truth: Annotated[Path, typer.Option("--truth", help="Known labels: a labelled sentence store or an .h5ad.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report directory to write.")],
-    label_key: Annotated[Optional[str], typer.Option("--label-key", "-l", help="obs column of true types (.h5ad truth).")] = None,
+    label_key: Annotated[
+        str | None, typer.Option("--label-key", "-l", help="obs column of true types (.h5ad truth).")
+    ] = None,
     embedding_map: Annotated[bool, typer.Option(help="Draw the 2-D map of cell embeddings (UMAP, else PCA).")] = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -42,6 +44,7 @@ def evaluate_cmd(
     """Score predictions: metrics.json, confusion heatmap, per-type F1, embedding map, report.html."""
     from hitanno_cli.evaluation import evaluate  # scikit-learn loads only when scoring
 
-    artifacts.refuse_existing(output, overwrite)
-    metrics = evaluate(predictions, truth, label_key, output, overwrite, embedding_map)
+    metrics = evaluate(
+        predictions, truth=truth, output=output, label_key=label_key, embedding_map=embedding_map, overwrite=overwrite
+    )
     print_summary(metrics, output)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CALL = "from hitanno_cli.allocator import keep_freed_memory as k; print(k(), k())"
+CALL = "from hitanno_cli.host import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_value: str | None) -> str:
