@@ -42,7 +42,7 @@ def train(
     """Train a model on a labelled sentence store and write the model directory ``output``.
 
     ``options`` default to the ``default`` recipe. ``on_batch(epoch, step)`` is called
-    after every update (a hook for tests). Raises :class:`Interrupted` after saving a
+    after every update (progress, or a test stopping the run). Raises :class:`Interrupted` after saving a
     resumable state when SIGINT or SIGTERM arrives.
     """
     out = Path(output)

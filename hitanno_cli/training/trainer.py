@@ -106,7 +106,7 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(step, self.steps_per_epoch, options.warmup_epochs, options.epochs)
         )
         self.progress = RunState()
-        self.on_batch: Callable[[int, int], None] | None = None  # a hook for tests
+        self.on_batch: Callable[[int, int], None] | None = None  # called after every update
         self.best_state = checkpoint.plain_state(self.model)
 
     @torch.no_grad()
