@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.batches import sequential_batches
 from hitanno_cli.checkpoint import load_model, write_adaptation
 from hitanno_cli.errors import UserError
@@ -77,12 +77,30 @@ def self_train(
     overwrite: bool = False,
 ) -> Path:
     """Train on ``sentences``, pseudo-label ``query``, train again on both; write ``output``."""
-    out = Path(output)
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"--pseudo-label-fraction must be in (0, 1], got {fraction}", "e.g. 0.3")
     if world_size() > 1:
         raise UserError("self-training (--adapt-to) runs in one process", "run it without torchrun")
-    artifacts.refuse_existing(out, overwrite)
+    inputs = [sentences, query, panel]
+    with outputs.writing(output, kind=artifacts.MODEL, overwrite=overwrite, inputs=inputs) as out:
+        _self_train(
+            Path(sentences), Path(query), out, panel=panel, options=options, fraction=fraction, device=device, gpu=gpu
+        )
+    console.info(f"train: self-trained on {query} → {out}")
+    return out
+
+
+def _self_train(
+    sentences: Path,
+    query: Path,
+    out: Path,
+    *,
+    panel: str | Path,
+    options: TrainOptions,
+    fraction: float,
+    device: str,
+    gpu: int | None,
+) -> None:
     reference, target = SentenceStore(sentences), SentenceStore(query)
     target.check_panel(reference.panel_hash)
     ref_labels = reference.labels()
@@ -125,12 +143,8 @@ def self_train(
             of=target.n_cells,
             per_type={name: int((labels == name).sum()) for name in names},
         )
-        if out.exists():
-            artifacts.refuse_existing(out, overwrite)
         artifacts.replace_path(work / "round2", out)
     except Interrupted:
         raise UserError("self-training was interrupted; it cannot be resumed", "run it again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    console.info(f"train: self-trained on {query} → {out}")
-    return out

@@ -41,17 +41,33 @@ ADAPTATION = "hitanno.adaptation"
 
 #: The (major, minor) version each format is written with. A reader accepts any
 #: minor version of its major (minor bumps only add fields) and refuses a newer major.
+#: Version 1.1 of a format adds the hashes that cover all of its content; a 1.0
+#: artifact, written before them, is read without them.
 FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     PANEL: (1, 0),
-    SENTENCES: (1, 0),
-    MODEL: (1, 0),
+    SENTENCES: (1, 1),
+    MODEL: (1, 1),
     CLUSTER_MODEL: (1, 0),
-    PREDICTIONS: (1, 0),
-    ATTENTION: (1, 0),
-    EVALUATION: (1, 0),
-    RUN: (1, 0),
-    ADAPTATION: (1, 0),
+    PREDICTIONS: (1, 1),
+    ATTENTION: (1, 1),
+    EVALUATION: (1, 1),
+    RUN: (1, 1),
+    ADAPTATION: (1, 1),
 }
+
+
+def is_hashed(header: dict[str, Any]) -> bool:
+    """Whether an artifact's version carries hashes of all its content (1.1 and later)."""
+    return _version(header) >= (1, 1)
+
+
+def _version(header: dict[str, Any]) -> tuple[int, int]:
+    """``(major, minor)`` of a header's ``format_version``; ValueError if it is not ``M.m``."""
+    major, dot, minor = str(header.get("format_version")).partition(".")
+    if not dot:
+        raise ValueError(header.get("format_version"))
+    return int(major), int(minor)
+
 
 _HASH_BLOCK = 1 << 22
 
@@ -85,8 +101,8 @@ def check_header(header: Any, fmt: str, source: str | Path) -> dict[str, Any]:
             "check which file you passed",
         )
     try:
-        major = int(str(header["format_version"]).split(".")[0])
-    except (KeyError, ValueError):
+        major = _version(header)[0]
+    except ValueError:
         raise UserError(f"{source} has an unreadable format version", "re-create it") from None
     supported = FORMAT_VERSIONS[fmt][0]
     if major > supported:
@@ -243,7 +259,7 @@ def ordinary_mode(path: Path, directory: bool) -> None:
 
 def refuse_existing(path: str | Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless ``--overwrite`` was given."""
-    if Path(path).exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a dangling symbolic link exists too
         raise UserError(f"output {path} already exists", "pass --overwrite to replace it")
 
 
@@ -284,6 +300,25 @@ def write_json(path: str | Path, obj: Any, overwrite: bool = False, pretty: bool
     atomic_write_text(path, text + "\n", overwrite)
 
 
+def write_verified_json(path: str | Path, obj: dict[str, Any]) -> None:
+    """Write a JSON artifact with the hash of its content (``content_hash``), atomically."""
+    body = {key: value for key, value in obj.items() if key != "content_hash"}
+    write_json(path, {**body, "content_hash": sha256_json(body)}, overwrite=True)
+
+
+def read_verified_json(path: str | Path, fmt: str, fix: str) -> dict[str, Any]:
+    """Read a JSON artifact of format ``fmt`` written by :func:`write_verified_json`, refusing
+    one whose content does not match its hash (``fix`` says what to do then)."""
+    obj = read_json(path, fmt.removeprefix("hitanno."))
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is corrupted or was edited (not a JSON object)", fix)
+    header = check_header(obj.get("header"), fmt, path)
+    body = {key: value for key, value in obj.items() if key != "content_hash"}
+    if (is_hashed(header) or "content_hash" in obj) and obj.get("content_hash") != sha256_json(body):
+        raise UserError(f"{path} is corrupted or was edited: its content does not match its hash", fix)
+    return obj
+
+
 def read_text(path: str | Path, what: str) -> str:
     """Read a text artifact, turning a missing or undecodable file into a UserError."""
     path = Path(path)
@@ -291,8 +326,8 @@ def read_text(path: str | Path, what: str) -> str:
         raise UserError(f"{what} {path} does not exist", f"pass the path of an existing {what}")
     try:
         return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{what} {path} is not valid JSON ({err})", "re-create it") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not text (corrupted?)", "re-create it") from None
 
 
 def parse_json(text: str, path: str | Path, what: str) -> Any:

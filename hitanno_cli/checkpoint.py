@@ -16,6 +16,7 @@ Nothing here unpickles: a model file from someone else cannot run code.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +77,50 @@ def save_model(
         "class_names": json.dumps(class_names),
         "panel_hash": panel.content_hash,
     }
-    save_file(plain_state(model), str(directory / WEIGHTS), metadata=metadata)
+    tensors = plain_state(model)
+    metadata["content_hash"] = content_hash(tensors, metadata)
+    save_file(tensors, str(directory / WEIGHTS), metadata=metadata)
     artifacts.ordinary_mode(directory / WEIGHTS, directory=False)  # safetensors writes it owner-only
     panel.save(directory / PANEL, overwrite=True)
+
+
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The hash of a safetensors file's content: every tensor (name, dtype, shape, bytes) and
+    every metadata entry but the hash itself. Stored in the metadata as ``content_hash``."""
+    digest = hashlib.sha256(
+        artifacts.canonical_json({k: v for k, v in metadata.items() if k != "content_hash"}).encode()
+    )
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()
+
+
+def load_verified(path: Path, what: str, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, refusing one that is unreadable or
+    whose content does not match its ``content_hash``."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own error, OSError, or a Rust panic on a damaged file
+        raise UserError(f"{what} {path} is damaged or not a safetensors file ({_first_line(err)})", fix) from None
+    if metadata.get("content_hash") != content_hash(tensors, metadata):
+        raise UserError(f"{what} {path} is corrupted or was edited: its content does not match its hash", fix)
+    return tensors, metadata
+
+
+def load_verified_file(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file without a content hash (one-line error if unreadable)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise UserError(f"{path} is damaged or not a safetensors file ({_first_line(err)})", fix) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -86,9 +128,9 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
+    except Exception as err:  # safetensors raises its own error, OSError, or a Rust panic on a damaged file
         raise UserError(
-            f"{path} is not a readable safetensors file ({err})", "re-create it with hitanno train"
+            f"{path} is not a readable safetensors file ({_first_line(err)})", "re-create it with hitanno train"
         ) from None
 
 
@@ -121,9 +163,14 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> Loa
             f"{directory / PANEL} is not the panel {weights} was trained with",
             "restore the panel.json written by hitanno train",
         )
+    fix = "re-create it with hitanno train"
+    if artifacts.is_hashed(header) or "content_hash" in meta:
+        tensors, _ = load_verified(weights, "model", fix)
+    else:  # written before models carried a content hash
+        tensors = load_verified_file(weights, fix)
     model = HitAnno(config)
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(tensors)
     except (RuntimeError, SafetensorError) as err:
         raise UserError(
             f"{weights} does not match its model config ({str(err).splitlines()[0]})", "re-create it with hitanno train"
@@ -136,7 +183,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> Loa
 def write_adaptation(directory: Path, *, params: dict[str, Any], inputs: dict[str, str], **record: Any) -> None:
     """Write ``adaptation.json``: which query a self-trained model adapted to, and how."""
     header = artifacts.make_header(artifacts.ADAPTATION, params, inputs)
-    artifacts.write_json(directory / ADAPTATION, {"header": header, **record})
+    artifacts.write_verified_json(directory / ADAPTATION, {"header": header, **record})
 
 
 def read_adaptation(directory: Path) -> dict[str, Any] | None:
@@ -144,11 +191,9 @@ def read_adaptation(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / ADAPTATION
     if not path.is_file():
         return None
-    record = artifacts.read_json(path, "adaptation record")
-    if not isinstance(record, dict):
-        raise UserError(f"{path} is not an adaptation record", "re-create the model with hitanno train --adapt-to")
-    artifacts.check_header(record.get("header"), artifacts.ADAPTATION, path)
-    return record
+    return artifacts.read_verified_json(
+        path, artifacts.ADAPTATION, fix="re-create the model with hitanno train --adapt-to"
+    )
 
 
 # -- resumable state -------------------------------------------------------------------------
@@ -190,10 +235,14 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """Write ``resume/state.safetensors`` and ``resume/state.json`` atomically."""
+    tensors = {name: value.contiguous() for name, value in tensors.items()}
+    metadata = {"content_hash": ""}
+    metadata["content_hash"] = content_hash(tensors, metadata)
     with artifacts.atomic_dir(directory / RESUME, overwrite=True) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"), metadata=metadata)
         artifacts.ordinary_mode(tmp / "state.safetensors", directory=False)
-        artifacts.write_json(tmp / "state.json", state)
+        body = {**state, "tensors_hash": metadata["content_hash"]}
+        artifacts.write_json(tmp / "state.json", {**body, "content_hash": artifacts.sha256_json(body)})
 
 
 def load_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -203,11 +252,12 @@ def load_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise UserError(
             f"{directory} holds no resumable state ({RESUME}/ is missing)", "run hitanno train without --resume"
         )
+    fix = "start over with --overwrite"
     state = artifacts.read_json(resume / "state.json", "resume state")
-    try:
-        tensors = load_file(str(resume / "state.safetensors"))
-    except (SafetensorError, OSError) as err:
-        raise UserError(
-            f"{resume / 'state.safetensors'} is unreadable ({err})", "start over with --overwrite"
-        ) from None
-    return tensors, state
+    body = {key: value for key, value in state.items() if key != "content_hash"} if isinstance(state, dict) else None
+    if body is None or state.get("content_hash") != artifacts.sha256_json(body):
+        raise UserError(f"{resume / 'state.json'} is corrupted or was edited: it does not match its hash", fix)
+    tensors, metadata = load_verified(resume / "state.safetensors", "resume state", fix)
+    if metadata["content_hash"] != body.pop("tensors_hash", None):
+        raise UserError(f"{resume / 'state.safetensors'} is not the state {resume / 'state.json'} was saved with", fix)
+    return tensors, body

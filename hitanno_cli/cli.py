@@ -45,8 +45,3 @@ app.command("explain")(annotate.explain_cmd)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("run")(run.run_cmd)
 app.command("cluster")(cluster.cluster_cmd)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()

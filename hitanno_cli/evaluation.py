@@ -22,7 +22,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from hitanno_cli import artifacts
+from hitanno_cli import artifacts, outputs
 from hitanno_cli.errors import UserError
 from hitanno_cli.predictions import UNASSIGNED, read_embeddings, read_predictions
 
@@ -31,8 +31,15 @@ HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_
 
 
 def align_truth(cell_ids: np.ndarray, truth_ids: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """True label of each predicted cell (``""`` where unknown), matched by cell id."""
-    lookup = dict(zip(truth_ids.tolist(), truth.tolist()))
+    """True label of each predicted cell (``""`` where unknown), matched by cell id.
+
+    Ids must be unique on both sides: a repeated id would pair cells with another cell's truth.
+    """
+    for ids, side in ((cell_ids, "the predictions"), (truth_ids, "the truth")):
+        if len(set(ids.tolist())) != len(ids):
+            first = next(c for c, n in Counter(ids.tolist()).items() if n > 1)
+            raise UserError(f"{side} repeat cell id '{first}'", "give every cell a unique id and predict again")
+    lookup = dict(zip(truth_ids.tolist(), truth.tolist(), strict=True))
     missing = [c for c in cell_ids.tolist() if c not in lookup]
     if len(missing) == len(cell_ids):
         raise UserError("no predicted cell id is in the truth", "pass the query the predictions were made for")
@@ -114,7 +121,7 @@ def read_truth(path: str | Path, label_key: str | None) -> tuple[np.ndarray, np.
 
     with H5ad(path) as h5:
         labels = np.array(["" if v is None else v for v in h5.labels(label_key)], dtype=object)
-        return h5.obs_names().astype(object), labels
+        return h5.unique_obs_names().astype(object), labels
 
 
 #: Cells drawn for the 2-D map (it is a picture: more would only slow it down).
@@ -132,18 +139,24 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``predictions`` against ``truth``; write the report directory ``output``
     (metrics.json, pictures, report.html) and return the metrics."""
+    inputs = [predictions, truth]
+    with outputs.writing(output, kind=artifacts.EVALUATION, overwrite=overwrite, inputs=inputs) as out:
+        return _evaluate(Path(predictions), Path(truth), out, label_key=label_key, embedding_map=embedding_map)
+
+
+def _evaluate(
+    predictions: Path, truth: Path, out: Path, *, label_key: str | None, embedding_map: bool
+) -> dict[str, Any]:
     from hitanno_cli import report  # matplotlib: imported only when pictures are drawn
     from hitanno_cli.plotting import two_d
 
-    predictions, truth, out = Path(predictions), Path(truth), Path(output)
-    artifacts.refuse_existing(out, overwrite)
     preds = read_predictions(predictions)
     truth_ids, truth_labels = read_truth(truth, label_key)
     truth_aligned = align_truth(preds.cell_ids, truth_ids, truth_labels)
     metrics = score(truth_aligned, preds.predicted, preds.class_names)
     inputs = {"predictions": artifacts.sha256_file(predictions), "truth": _identity(truth)}
     metrics = {"header": artifacts.make_header(artifacts.EVALUATION, {"label_key": label_key}, inputs), **metrics}
-    with artifacts.atomic_dir(out, overwrite) as tmp:
+    with artifacts.atomic_dir(out, overwrite=True) as tmp:
         images = []
         if metrics["per_type"]:
             images += [
@@ -160,7 +173,7 @@ def evaluate(
             )
             caption = "true and predicted types" + ("" if method == "UMAP" else " (umap-learn is not installed)")
             images.append((picture, f"{method}: {caption}"))
-        artifacts.write_json(tmp / "metrics.json", metrics)
+        artifacts.write_verified_json(tmp / "metrics.json", metrics)
         report.write_html(
             metrics, images, tmp / "report.html", title=f"hitanno evaluation: {predictions}", headline=HEADLINE
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.batches import sequential_batches
 from hitanno_cli.checkpoint import LoadedModel, load_model
 from hitanno_cli.errors import UserError
@@ -167,12 +167,38 @@ def explain(
         raise UserError("--top-peaks must be at least 1", "e.g. --top-peaks 20")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1", "e.g. --batch-size 128")
-    out = Path(output)
-    artifacts.refuse_existing(out, overwrite)
-    chosen = resolve_device(device, gpu)
+    if max_cells is not None and max_cells < 1:
+        raise UserError(f"--max-cells {max_cells} must be at least 1", "e.g. --max-cells 5000, or leave it out")
+    with outputs.writing(output, kind=artifacts.ATTENTION, overwrite=overwrite, inputs=[model, sentences]) as out:
+        return _explain(
+            Path(model),
+            Path(sentences),
+            out,
+            top_peaks=top_peaks,
+            max_cells=max_cells,
+            seed=seed,
+            batch_size=batch_size,
+            device=resolve_device(device, gpu),
+        )
+
+
+def _explain(
+    model: Path,
+    sentences: Path,
+    out: Path,
+    *,
+    top_peaks: int,
+    max_cells: int | None,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+) -> Path:
+    chosen = device
     loaded = load_model(model, chosen)
     store = SentenceStore(sentences)
     store.check_panel(loaded.panel.content_hash)
+    if store.n_cells == 0:
+        raise UserError(f"{sentences} has no cells", "pass a store with at least one cell")
     rows = None
     if max_cells is not None and max_cells < store.n_cells:
         rows = np.sort(np.random.default_rng(seed).choice(store.n_cells, max_cells, replace=False))
@@ -181,7 +207,7 @@ def explain(
     top = min(top_peaks, loaded.config.peaks_per_type)
     params = {"top_peaks": top, "max_cells": max_cells, "seed": seed}
     inputs = {"model": loaded.content_hash, "sentences": store.content_hash}
-    with artifacts.atomic_dir(out, overwrite) as tmp:
+    with artifacts.atomic_dir(out, overwrite=True) as tmp:
         write_top_peaks(tmp / "level1_top_peaks.csv", loaded, sums, level1, top)
         write_level2(tmp, loaded, sums, level2)
         plot_heatmaps(tmp, loaded, sums, level2)
@@ -189,6 +215,6 @@ def explain(
             "header": artifacts.make_header(artifacts.ATTENTION, params, inputs),
             "cells_per_predicted_type": {loaded.class_names[c]: int(n) for c, n in enumerate(sums.cells)},
         }
-        artifacts.write_json(tmp / "summary.json", summary)
+        artifacts.write_verified_json(tmp / "summary.json", summary)
     console.info(f"explain: attention of {int(sums.cells.sum())} cells → {out}")
     return out

@@ -1,7 +1,9 @@
-"""Peak coordinates: parsing ``chr:start-end`` names and matching peaks by overlap.
+"""Peak coordinates: parsing peak names and matching peaks by overlap.
 
 Intervals are half-open ``[start, end)`` as in BED; two peaks overlap when they share
-at least one base.
+at least one base. Chromosomes are compared by :func:`canonical_chrom`, so UCSC names
+(``chr1``, ``chrM``) meet Ensembl ones (``1``, ``MT``); the names themselves are kept
+as written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-_NAME = re.compile(r"^(?P<chrom>[^:_\s]+(?:_[^:_\s]+)*?)[:_](?P<start>\d+)[-_](?P<end>\d+)$")
+# chrom, then one of ``:`` ``_`` ``-``, start, then ``-`` or ``_``, end. The chromosome is
+# greedy, so the last two integer fields are start and end (``chrUn_KI270302v1_5_90``);
+# it may not end in a separator, so ``chr1__5_90`` and ``chr1:-5-90`` are refused.
+_NAME = re.compile(r"^(?P<chrom>\S*[^\s:_-])(?P<sep>[:_-])(?P<start>\d+)[-_](?P<end>\d+)$")
+_MAX_COORD = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -33,14 +39,37 @@ class Intervals:
 
 
 def parse_peak_name(name: str) -> tuple[str, int, int] | None:
-    """``chr1:100-200`` or ``chr1_100_200`` → ``("chr1", 100, 200)``; None if neither."""
+    """``chr1:100-200``, ``chr1_100_200``, ``chr1-100-200`` or ``1:100_200`` → ``(chrom, 100, 200)``.
+
+    The chromosome is returned as written. None for anything else: no two trailing
+    integer fields, ``end <= start``, or a ``:`` inside the chromosome unless ``:`` also
+    separates it from the start (``HLA-A*01:01:5-90`` parses; ``chr1:5-90-100`` does not).
+    """
     match = _NAME.match(name.strip())
-    if match is None:
+    if match is None or (":" in match["chrom"] and match["sep"] != ":"):
         return None
     start, end = int(match["start"]), int(match["end"])
-    if end <= start:
+    if end <= start or end > _MAX_COORD:
         return None
     return match["chrom"], start, end
+
+
+def canonical_chrom(chrom: str) -> str:
+    """The key chromosomes are matched by: ``chr1`` and ``1`` → ``1``; ``chrM``, ``MT``, ``M`` → ``M``.
+
+    UCSC and Ensembl name the same chromosomes with and without ``chr`` (and the
+    mitochondrion ``chrM`` vs ``MT``); comparing keys lets either meet the other.
+    """
+    key = chrom[3:] if len(chrom) > 3 and chrom[:3].lower() == "chr" else chrom
+    return "M" if key.upper() in ("M", "MT") else key
+
+
+def chrom_keys(chrom: np.ndarray) -> np.ndarray:
+    """:func:`canonical_chrom` of each name in an array (computed once per distinct name)."""
+    if chrom.size == 0:
+        return np.empty(0, dtype=str)
+    uniques, inverse = np.unique(chrom.astype(str), return_inverse=True)
+    return np.array([canonical_chrom(c) for c in uniques])[inverse.reshape(-1)]
 
 
 def peak_intervals(names: np.ndarray, var: pd.DataFrame | None = None) -> Intervals:
@@ -70,14 +99,16 @@ def peak_intervals(names: np.ndarray, var: pd.DataFrame | None = None) -> Interv
 def overlap_pairs(query: Intervals, target: Intervals) -> tuple[np.ndarray, np.ndarray]:
     """All ``(query_index, target_index)`` pairs of overlapping intervals.
 
+    Chromosomes are compared by :func:`canonical_chrom`.
+
     Per chromosome, queries are sorted by start; a running maximum of their ends gives
     the first query that can reach a target, so each target inspects only the queries
     that can overlap it.
     """
     q_out, t_out = [], []
     q_known, t_known = np.flatnonzero(query.known), np.flatnonzero(target.known)
-    q_chrom = query.chrom[q_known].astype(str)
-    t_chrom = target.chrom[t_known].astype(str)
+    q_chrom = chrom_keys(query.chrom[q_known])  # chr1 meets 1, chrM meets MT
+    t_chrom = chrom_keys(target.chrom[t_known])
     for chrom in np.intersect1d(np.unique(q_chrom), np.unique(t_chrom)):
         qi = q_known[q_chrom == chrom]
         ti = t_known[t_chrom == chrom]

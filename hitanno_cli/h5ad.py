@@ -7,28 +7,57 @@ straight from HDF5. ``obs`` and ``var`` are small and are read whole.
 
 from __future__ import annotations
 
+import os
+import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata._io.specs.registry import IORegistryError
 from anndata.io import read_elem
 
 from hitanno_cli.errors import UserError
-from hitanno_cli.host import usable_cores
+from hitanno_cli.hdf5_chunks import InflateError, read_ranges
 
-try:  # Intel ISA-L inflates the same deflate streams faster than zlib
-    from isal.isal_zlib import decompress as inflate
-except ImportError:  # a platform without an isal wheel: the standard library's zlib
-    from zlib import decompress as inflate
+#: What h5py, anndata and the inflaters raise on a truncated or damaged file.
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    KeyError,
+    ValueError,
+    RuntimeError,
+    IndexError,
+    IORegistryError,
+    zlib.error,
+    InflateError,
+)
 
 #: Rows per chunk are chosen so a chunk holds about this many stored entries.
 TARGET_CHUNK_NNZ = 8_000_000
+
+
+def damaged(path: str | Path, err: BaseException) -> UserError:
+    """The one-line error for a file that h5py or anndata could not read."""
+    return UserError(f"{path} is truncated or damaged ({_short_reason(err)})", "re-create or re-download it")
+
+
+def _short_reason(err: BaseException) -> str:
+    """The gist of a low-level read error: h5py's parenthesised detail, else its message, shortened."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(text.split())  # one line (anndata appends notes on new lines; str() omits them)
+    detail = re.search(r"\(([^()]+)\)\s*$", text)
+    if detail and text.startswith(("Unable to", "Can't", "unable to")):
+        text = detail.group(1)
+    cut = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if cut:
+        text = f"it ends at byte {cut.group(1)} of {cut.group(2)}"
+    text = text or type(err).__name__
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 class H5ad:
@@ -36,30 +65,69 @@ class H5ad:
 
     def __init__(self, path: str | Path, layer: str | None = None) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a directory, not an .h5ad file", "pass the path of an .h5ad file")
         if not self.path.is_file():
             raise UserError(f"input {self.path} does not exist", "check the path")
+        if not os.access(self.path, os.R_OK):
+            raise UserError(f"{self.path} cannot be read (permission denied)", "check the file's permissions")
         if not h5py.is_hdf5(self.path):
             raise UserError(
                 f"input {self.path} is not an .h5ad file (not HDF5)",
                 "pass an AnnData file written by anndata.write_h5ad",
             )
-        self._file = h5py.File(self.path, "r")
-        missing = [key for key in ("obs", "var") if key not in self._file]
-        matrix_key = f"layers/{layer}" if layer else "X"
-        if missing or matrix_key not in self._file:
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            if "unable to lock" in str(err).lower():  # HDF5's file locking, not damage
+                raise UserError(
+                    f"{self.path} is locked by another process ({_short_reason(err)})",
+                    "wait for the writer to finish, or set HDF5_USE_FILE_LOCKING=FALSE",
+                ) from None
+            raise damaged(self.path, err) from None
+        try:
+            with self._reading():
+                self._open_matrix(layer)
+        except UserError:
             self.close()
-            what = ", ".join(missing + ([matrix_key] if matrix_key not in self._file else []))
-            raise UserError(
-                f"input {self.path} is not an AnnData .h5ad file (no {what})",
-                "pass an AnnData file written by anndata.write_h5ad" + (" or a --layer that exists" if layer else ""),
-            )
-        self._matrix = self._file[matrix_key]
-        self._matrix_name = matrix_key
-        self._layout = self._matrix_layout()
+            raise
         self._obs: pd.DataFrame | None = None
         self._var: pd.DataFrame | None = None
         self._labels: dict[str, np.ndarray] = {}
         self._parts: dict[str, h5py.Dataset] | None = None
+
+    def _open_matrix(self, layer: str | None) -> None:
+        """Find obs, var and the count matrix (X or the layer); learn its layout and shape."""
+        missing = [key for key in ("obs", "var") if key not in self._file]
+        if layer and not missing and f"layers/{layer}" not in self._file:
+            layers = sorted(self._file["layers"].keys()) if "layers" in self._file else []
+            raise UserError(
+                f"{self.path} has no layer '{layer}'",
+                f"pass --layer with one of: {', '.join(layers)}" if layers else "it has no layers: leave out --layer",
+            )
+        matrix_key = f"layers/{layer}" if layer else "X"
+        if missing or matrix_key not in self._file:
+            what = ", ".join(missing + ([matrix_key] if matrix_key not in self._file else []))
+            raise UserError(
+                f"input {self.path} is not an AnnData .h5ad file (no {what})",
+                "pass an AnnData file written by anndata.write_h5ad",
+            )
+        self._matrix = self._file[matrix_key]
+        self._matrix_name = matrix_key
+        self._layout = self._matrix_layout()
+        node = self._matrix
+        shape = node.shape if self._layout == "dense" else node.attrs["shape"]
+        self._shape = tuple(int(n) for n in shape)
+        if len(self._shape) != 2 or min(self._shape) < 0:
+            raise ValueError(f"{matrix_key} has shape {self._shape}")
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Turn a low-level read failure into :func:`damaged`'s one-line error."""
+        try:
+            yield
+        except READ_ERRORS as err:
+            raise damaged(self.path, err) from None
 
     def __enter__(self) -> H5ad:
         return self
@@ -69,7 +137,10 @@ class H5ad:
 
     def close(self) -> None:
         """Close the underlying HDF5 file."""
-        self._file.close()
+        try:
+            self._file.close()
+        except READ_ERRORS:  # closing a damaged file can fail too; there is nothing left to read
+            pass
 
     # -- shape and metadata ------------------------------------------------------------
     def _matrix_layout(self) -> str:
@@ -94,9 +165,7 @@ class H5ad:
     @property
     def shape(self) -> tuple[int, int]:
         """(cells, features) of the count matrix."""
-        if self._layout == "dense":
-            return tuple(int(n) for n in self._matrix.shape)  # type: ignore[return-value]
-        return tuple(int(n) for n in self._matrix.attrs["shape"])  # type: ignore[return-value]
+        return self._shape  # type: ignore[return-value]
 
     @property
     def n_obs(self) -> int:
@@ -110,40 +179,46 @@ class H5ad:
     def obs(self) -> pd.DataFrame:
         """The cell annotations (read once, whole: they are small)."""
         if self._obs is None:
-            self._obs = read_elem(self._file["obs"])
+            with self._reading():
+                self._obs = read_elem(self._file["obs"])
         return self._obs
 
     @property
     def var(self) -> pd.DataFrame:
         """The feature annotations (read once, whole)."""
         if self._var is None:
-            self._var = read_elem(self._file["var"])
+            with self._reading():
+                self._var = read_elem(self._file["var"])
         return self._var
 
     def _columnwise(self, frame: str) -> bool:
         """Whether obs/var is a column-per-dataset group (anndata ≥ 0.7), readable one column at a time."""
-        node = self._file[frame]
-        return isinstance(node, h5py.Group) and "_index" in node.attrs and "column-order" in node.attrs
+        with self._reading():
+            node = self._file[frame]
+            return isinstance(node, h5py.Group) and "_index" in node.attrs and "column-order" in node.attrs
 
     def obs_columns(self) -> list[str]:
         """Names of the obs columns (without reading them)."""
         if self._obs is None and self._columnwise("obs"):
-            order = self._file["obs"].attrs["column-order"]
-            return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+            with self._reading():
+                order = self._file["obs"].attrs["column-order"]
+                return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
         return [str(c) for c in self.obs.columns]
 
     def _index(self, frame: str) -> pd.Index:
         """The obs or var index, read alone when the layout allows."""
         loaded = self._obs if frame == "obs" else self._var
         if loaded is None and self._columnwise(frame):
-            node = self._file[frame]
-            return pd.Index(read_elem(node[node.attrs["_index"]]))
+            with self._reading():
+                node = self._file[frame]
+                return pd.Index(read_elem(node[node.attrs["_index"]]))
         return (self.obs if frame == "obs" else self.var).index
 
     def _obs_column(self, key: str) -> pd.Series:
         """One obs column, read alone when the layout allows."""
         if self._obs is None and self._columnwise("obs"):
-            return pd.Series(read_elem(self._file["obs"][key]))
+            with self._reading():
+                return pd.Series(read_elem(self._file["obs"][key]))
         return self.obs[key]
 
     def obs_names(self) -> np.ndarray:
@@ -153,6 +228,24 @@ class H5ad:
     def var_names(self) -> np.ndarray:
         """Feature names as an array of str."""
         return np.asarray(self._index("var").astype(str))
+
+    def unique_obs_names(self) -> np.ndarray:
+        """Cell ids, refusing duplicates (predictions are matched to cells by id)."""
+        names = self.obs_names()
+        if len(set(names)) != len(names):
+            dup = next(name for name, count in Counter(names.tolist()).items() if count > 1)
+            raise UserError(
+                f"{self.path} has duplicate cell ids (e.g. '{dup}')",
+                "make them unique (adata.obs_names_make_unique()) and save the file again",
+            )
+        return names
+
+    def check_not_empty(self) -> None:
+        """Refuse a matrix without cells or without peaks (nothing downstream can use it)."""
+        if self.n_obs == 0:
+            raise UserError(f"{self.path} has no cells", "pass a file with at least one cell (row)")
+        if self.n_vars == 0:
+            raise UserError(f"{self.path} has no peaks (0 columns)", "pass a file with peaks as columns (var)")
 
     def unique_var_names(self) -> np.ndarray:
         """Feature names, refusing duplicates (a peak must be identifiable by its name)."""
@@ -166,7 +259,11 @@ class H5ad:
         return names
 
     def labels(self, key: str) -> np.ndarray:
-        """The ``obs[key]`` column as an object array of str, ``None`` where missing."""
+        """The ``obs[key]`` column as an object array of str, ``None`` where missing.
+
+        Missing means NaN or an empty (or whitespace-only) string: every stage leaves
+        such cells out the same way.
+        """
         if key not in self.obs_columns():
             columns = ", ".join(self.obs_columns()[:20]) or "none"
             raise UserError(
@@ -177,7 +274,8 @@ class H5ad:
             column = self._obs_column(key)
             values = column.astype(object).to_numpy()
             missing = pd.isna(column).to_numpy()
-            self._labels[key] = np.array([None if m else str(v) for v, m in zip(values, missing)], dtype=object)
+            text = [None if m else str(v) for v, m in zip(values, missing)]
+            self._labels[key] = np.array([t if t is None or t.strip() else None for t in text], dtype=object)
         return self._labels[key]
 
     # -- the matrix, streamed -------------------------------------------------------------
@@ -187,7 +285,8 @@ class H5ad:
         if self._layout == "dense":
             per_row = max(n_vars, 1)
         else:
-            per_row = max(int(self._matrix["indptr"][-1]) / max(n_obs, 1), 1.0)
+            with self._reading():
+                per_row = max(int(self._csr_parts()["indptr"][-1]) / max(n_obs, 1), 1.0)
         return int(min(max(TARGET_CHUNK_NNZ // per_row, 256), 200_000))
 
     def iter_chunks(
@@ -208,70 +307,16 @@ class H5ad:
 
     def read_rows(self, lo: int, hi: int) -> sp.csr_matrix:
         """Rows ``[lo, hi)`` as a CSR matrix."""
-        if self._layout == "dense":
-            return sp.csr_matrix(self._matrix[lo:hi])
-        parts = self._csr_parts()
-        indptr = parts["indptr"][lo : hi + 1].astype(np.int64)
-        a, b = int(indptr[0]), int(indptr[-1])
-        data, indices = read_ranges([parts["data"], parts["indices"]], a, b)
-        return sp.csr_matrix((data, indices, indptr - a), shape=(hi - lo, self.n_vars))
-
-
-# -- reading compressed datasets on two cores ---------------------------------------------
-#: Below this many entries a range is read by h5py directly (threads would not pay).
-PARALLEL_MIN_ENTRIES = 1 << 18
-
-
-def _deflate_only(dataset: h5py.Dataset) -> bool:
-    """Whether ``dataset`` is a chunked 1-D array whose only filter is deflate (gzip)."""
-    if dataset.ndim != 1 or dataset.chunks is None:
-        return False
-    plist = dataset.id.get_create_plist()
-    return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE
-
-
-@cache
-def _inflate_pool() -> ThreadPoolExecutor | None:
-    """Two threads for decompression, or None on a single core (ISA-L and zlib release the GIL)."""
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="hitanno-inflate") if usable_cores() > 1 else None
-
-
-def read_ranges(datasets: list[h5py.Dataset], a: int, b: int) -> list[np.ndarray]:
-    """``[d[a:b] for d in datasets]``, inflating gzip chunks on two cores where that pays.
-
-    h5py decompresses under one lock; reading the raw chunks and inflating them with
-    ISA-L (or zlib) in two threads, both of which release the GIL, uses the second core.
-    Anything but plain deflate-compressed 1-D chunks is read by h5py as usual.
-    """
-    pool = _inflate_pool()
-    if pool is None or b - a < PARALLEL_MIN_ENTRIES or not all(map(_deflate_only, datasets)):
-        return [d[a:b] for d in datasets]
-    outs, jobs = [], []
-    for d in datasets:
-        out = np.empty(b - a, dtype=d.dtype)
-        step = d.chunks[0]
-        for lo in range(a - a % step, b, step):
-            try:
-                skipped_filters, raw = d.id.read_direct_chunk((lo,))
-            except (OSError, RuntimeError, KeyError, ValueError):  # e.g. a chunk never written (fill value)
-                skipped_filters = 1
-            if skipped_filters:  # an odd chunk: let h5py read the whole range
-                return [d[a:b] for d in datasets]
-            jobs.append((raw, out, lo, step))
-        outs.append(out)
-    sizes = np.cumsum([len(job[0]) for job in jobs])
-    cut = int(np.searchsorted(sizes, sizes[-1] / 2))  # two halves of about equal compressed size
-    for future in [pool.submit(_inflate, jobs[:cut], a, b), pool.submit(_inflate, jobs[cut:], a, b)]:
-        future.result()
-    return outs
-
-
-def _inflate(jobs: list[tuple[bytes, np.ndarray, int, int]], a: int, b: int) -> None:
-    """Inflate each raw chunk (first entry ``lo``) into the part of ``out`` it covers."""
-    for raw, out, lo, step in jobs:
-        chunk = np.frombuffer(inflate(raw), dtype=out.dtype)
-        first, last = max(lo, a), min(lo + step, b)
-        out[first - a : last - a] = chunk[first - lo : last - lo]
+        try:
+            if self._layout == "dense":
+                return sp.csr_matrix(self._matrix[lo:hi])
+            parts = self._csr_parts()
+            indptr = parts["indptr"][lo : hi + 1].astype(np.int64)
+            a, b = int(indptr[0]), int(indptr[-1])
+            data, indices = read_ranges([parts["data"], parts["indices"]], a, b)
+            return sp.csr_matrix((data, indices, indptr - a), shape=(hi - lo, self.n_vars))
+        except READ_ERRORS as err:
+            raise damaged(self.path, err) from None
 
 
 def check_counts(data: np.ndarray, source: str | Path, first_row: int) -> None:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.errors import UserError
 
 STAGES = ("select-peaks", "encode-reference", "encode-query", "train", "predict", "evaluate")
@@ -89,14 +89,15 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
     coverage = settings.min_coverage
 
     def make_panel() -> None:
-        chosen = select_peaks(
-            ref,
-            label_key=label_key,
-            peaks_per_type=settings.peaks_per_type,
-            min_cells=settings.min_cells,
-            exclude_types=settings.exclude_types,
-        )
-        chosen.save(panel, overwrite=True)
+        with outputs.writing(panel, kind=artifacts.PANEL, overwrite=True, inputs=[ref]):
+            chosen = select_peaks(
+                ref,
+                label_key=label_key,
+                peaks_per_type=settings.peaks_per_type,
+                min_cells=settings.min_cells,
+                exclude_types=settings.exclude_types,
+            )
+            chosen.save(panel, overwrite=True)
 
     stages = [
         Stage("select-peaks", panel, select, [], files=[ref], make=make_panel),
@@ -230,11 +231,35 @@ def run(
 ) -> dict[str, Any]:
     """Run the stages whose outputs in ``output`` are out of date; return the manifest
     written to ``run.json``."""
-    ref, query, out = Path(ref), Path(query), Path(output)
+    ref, query = Path(ref), Path(query)
     settings = RunSettings() if settings is None else settings
     if from_stage is not None and from_stage not in STAGES:
         raise UserError(f"--from {from_stage} is not a stage", f"use one of: {', '.join(STAGES)}")
-    out.mkdir(parents=True, exist_ok=True)
+    with outputs.writing(output, kind=RUN_FOLDER, overwrite=True, inputs=[ref, query]) as out:
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return _run(ref, query, label_key, out, settings=settings, from_stage=from_stage)
+        except BaseException:
+            if made and not any(out.iterdir()):  # refused before any stage wrote: leave nothing
+                out.rmdir()
+            raise
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``run`` may work in: empty, or one it made (``run.json``)."""
+    if not path.is_dir():
+        return False
+    return not any(path.iterdir()) or artifacts.kind_of(path / MANIFEST) == artifacts.RUN
+
+
+#: What ``run -o`` works in.
+RUN_FOLDER = (is_run_folder, "folder made by hitanno run (nor an empty one)")
+
+
+def _run(
+    ref: Path, query: Path, label_key: str, out: Path, *, settings: RunSettings, from_stage: str | None
+) -> dict[str, Any]:
     stages = plan(ref, query, label_key, out, settings)
     prints = fingerprints(stages)
     manifest = _read_manifest(out)
@@ -267,10 +292,10 @@ def _read_manifest(out: Path) -> dict[str, Any]:
     path = out / MANIFEST
     if not path.exists():
         return {"stages": {}}
-    obj = artifacts.read_json(path, "run manifest")
-    return {"stages": dict(obj.get("stages", {}))}
+    obj = artifacts.read_verified_json(path, artifacts.RUN, fix=f"remove {path} to run every stage again")
+    return {"stages": dict(obj["stages"])}
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     header = artifacts.make_header(artifacts.RUN, {}, {})
-    artifacts.write_json(out / MANIFEST, {"header": header, "stages": manifest["stages"]}, overwrite=True)
+    artifacts.write_verified_json(out / MANIFEST, {"header": header, "stages": manifest["stages"]})

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hitanno_cli import artifacts, console, predictions
+from hitanno_cli import artifacts, console, outputs, predictions
 from hitanno_cli.batches import Batch, sequential_batches
 from hitanno_cli.checkpoint import LoadedModel, load_model, read_adaptation
 from hitanno_cli.errors import UserError
@@ -59,19 +59,23 @@ def h5ad_query(
     """An ``.h5ad`` as a query, encoded through the model's panel as it is read."""
     panel = loaded.panel
     h5 = H5ad(path, layer=layer)
-    labels = None
-    if label_key is not None:
-        raw = h5.labels(label_key)
-        labels = np.array(["" if v is None else v for v in raw], dtype=object)
-    match = match_panel(panel, h5.unique_var_names(), lambda: h5.var)
-    console.info(f"predict: {match.describe(path.name)}")
-    if match.coverage < min_coverage:
+    try:  # checked before any work, the file closed on every refusal
+        h5.check_not_empty()
+        ids = h5.unique_obs_names().astype(object)
+        labels = None
+        if label_key is not None:
+            labels = np.array(["" if v is None else v for v in h5.labels(label_key)], dtype=object)
+        match = match_panel(panel, h5.unique_var_names(), lambda: h5.var)
+        console.info(f"predict: {match.describe(path.name)}")
+        if match.coverage < min_coverage:
+            raise UserError(
+                f"only {match.found} of {match.n_panel} panel peaks ({match.coverage:.1%}) are in "
+                f"{path}, below --min-coverage {min_coverage}",
+                "check that query and reference use the same genome build and peak coordinates",
+            )
+    except BaseException:
         h5.close()
-        raise UserError(
-            f"only {match.found} of {match.n_panel} panel peaks ({match.coverage:.1%}) are in "
-            f"{path}, below --min-coverage {min_coverage}",
-            "check that query and reference use the same genome build and peak coordinates",
-        )
+        raise
     n_bytes = (panel.size + 7) // 8
 
     def batches() -> Iterator[Batch]:
@@ -83,7 +87,7 @@ def h5ad_query(
                     sel = np.arange(lo, min(lo + batch_size, cells.n))
                     yield Batch(cells.take(sel), row + sel, None)
 
-    return Query(path, h5.n_obs, h5.obs_names().astype(object), labels, artifacts.sha256_file(path), batches())
+    return Query(path, h5.n_obs, ids, labels, artifacts.sha256_file(path), batches())
 
 
 @torch.no_grad()
@@ -121,19 +125,50 @@ def predict(
         raise UserError(f"--min-confidence {min_confidence} is not a probability", "use a value in [0, 1]")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1", "e.g. --batch-size 256")
-    out = Path(output)
-    artifacts.refuse_existing(out, overwrite)
-    chosen = resolve_device(device, gpu)
+    if not 0.0 <= min_coverage <= 1.0:  # also refuses nan
+        raise UserError(f"--min-coverage {min_coverage} is not a share of the panel", "use a value in [0, 1]")
+    query_path = Path(sentences if sentences is not None else h5ad)
+    with outputs.writing(output, kind=artifacts.PREDICTIONS, overwrite=overwrite, inputs=[model, query_path]) as out:
+        return _predict(
+            Path(model),
+            out,
+            query_path,
+            from_store=sentences is not None,
+            label_key=label_key,
+            min_confidence=min_confidence,
+            batch_size=batch_size,
+            min_coverage=min_coverage,
+            layer=layer,
+            device=resolve_device(device, gpu),
+        )
+
+
+def _predict(
+    model: Path,
+    out: Path,
+    query_path: Path,
+    *,
+    from_store: bool,
+    label_key: str | None,
+    min_confidence: float,
+    batch_size: int,
+    min_coverage: float,
+    layer: str | None,
+    device: torch.device,
+) -> Path:
+    chosen = device
     keep_freed_memory()
     loaded = load_model(model, chosen)
-    if sentences is not None:
-        query = store_query(Path(sentences), loaded, batch_size)
+    if from_store:
+        query = store_query(query_path, loaded, batch_size)
     else:
         query = h5ad_query(
-            Path(h5ad), loaded, batch_size=batch_size, label_key=label_key, min_coverage=min_coverage, layer=layer
+            query_path, loaded, batch_size=batch_size, label_key=label_key, min_coverage=min_coverage, layer=layer
         )
-    note_adaptation(Path(model), query)
-    with artifacts.atomic_dir(out, overwrite) as tmp:
+    if query.n_cells == 0:
+        raise UserError(f"{query_path} has no cells", "pass a query with at least one cell")
+    note_adaptation(model, query)
+    with artifacts.atomic_dir(out, overwrite=True) as tmp:
         counts = write_predictions(tmp, loaded, query, chosen, min_confidence)
     assigned = query.n_cells - counts[predictions.UNASSIGNED]
     console.info(f"predict: {query.n_cells} cells annotated ({assigned} assigned) → {out}")

@@ -8,12 +8,15 @@ One directory, written atomically:
   class names in its attributes;
 * ``embeddings.zarr`` — the ``[cells, embed_dim]`` cell embeddings (float32).
 
-Both zarr groups hold ``cell_ids`` and the format header in their attributes.
+Both zarr groups hold ``cell_ids`` and the format header in their attributes. Those of
+``probabilities.zarr`` also hold the hashes of the table, both arrays and the ids, and a
+hash of themselves; readers check each file they read against them.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -47,11 +50,11 @@ class RowWriter:
         attrs: dict[str, Any],
         chunk_rows: int = OUTPUT_CHUNK_ROWS,
     ) -> None:
-        group = zarr.open_group(path, mode="w", zarr_format=3)
-        group.attrs["hitanno"] = attrs
-        artifacts.write_strings(group, "cell_ids", np.asarray(cell_ids, dtype=str))
+        self.group = zarr.open_group(path, mode="w", zarr_format=3)
+        self.group.attrs["hitanno"] = attrs
+        artifacts.write_strings(self.group, "cell_ids", np.asarray(cell_ids, dtype=str))
         self.chunk_rows = max(1, min(shape[0], chunk_rows))
-        self.array = group.create_array(
+        self.array = self.group.create_array(
             name,
             shape=shape,
             chunks=(self.chunk_rows, shape[1]),
@@ -60,10 +63,13 @@ class RowWriter:
         )
         self.pending: list[np.ndarray] = []
         self.written = 0
+        self.digest = hashlib.sha256()  # of the rows' bytes, in order: the array's hash
 
     def append(self, block: np.ndarray) -> None:
         """Queue rows; write every chunk that is complete."""
-        self.pending.append(block.astype(np.float32))
+        rows = np.ascontiguousarray(block, dtype=np.float32)
+        self.digest.update(rows)
+        self.pending.append(rows)
         if sum(len(b) for b in self.pending) >= self.chunk_rows:
             self.flush(whole_chunks=True)
 
@@ -102,6 +108,8 @@ class PredictionsWriter:
         self.embeddings = RowWriter(
             directory / EMBEDDINGS, "embeddings", shape=(n, embed_dim), cell_ids=cell_ids, attrs={"header": header}
         )
+        self.directory, self.header, self.class_names = directory, header, list(class_names)
+        self.ids_hash = artifacts.sha256_lines(np.asarray(cell_ids, dtype=str))
         self._handle: IO[str] = open(directory / CSV, "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._handle)
         self._csv.writerow(["cell_id", "predicted", "probability"] + (["true_label"] if with_truth else []))
@@ -128,16 +136,27 @@ class PredictionsWriter:
             self.given[labels[i]] = self.given.get(labels[i], 0) + 1
 
     def close(self) -> None:
-        """Write what is still queued and close the table."""
+        """Write what is still queued, close the table, and record the hashes of everything."""
         self._handle.close()
         self.probabilities.flush()
         self.embeddings.flush()
+        hashes = {
+            CSV: artifacts.sha256_file(self.directory / CSV),
+            "probabilities": "sha256:" + self.probabilities.digest.hexdigest(),
+            "embeddings": "sha256:" + self.embeddings.digest.hexdigest(),
+            "cell_ids": self.ids_hash,
+        }
+        record = {"header": self.header, "class_names": self.class_names, "hashes": hashes}
+        self.probabilities.group.attrs["hitanno"] = {**record, "meta_hash": artifacts.sha256_json(record)}
 
     def __enter__(self) -> PredictionsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the folder is discarded: just let go of the table
+            self._handle.close()
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -153,39 +172,86 @@ class Predictions:
 
 
 def read_predictions(path: str | Path) -> Predictions:
-    """Read ``predictions.csv`` and the class names stored beside it."""
+    """Read ``predictions.csv`` and the class names stored beside it.
+
+    Written by ``predict``, the table is checked against the hash recorded beside it; a
+    table made by hand (no ``probabilities.zarr`` beside it) is read as it is.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions file {path} does not exist", f"pass the {CSV} written by hitanno predict")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"cell_id", "predicted"} <= set(rows[0]):
-        raise UserError(
-            f"{path} is not a hitanno {CSV} (needs cell_id and predicted columns)",
-            f"pass the {CSV} written by hitanno predict",
-        )
+    record = read_record(path.parent)
+    if record is not None and record["hashes"].get(CSV) != artifacts.sha256_file(path):
+        raise UserError(f"{path} is corrupted or was edited: it does not match its hash", "run hitanno predict again")
+    rows = _read_rows(path)
     ids = np.array([r["cell_id"] for r in rows], dtype=object)
     predicted = np.array([r["predicted"] for r in rows], dtype=object)
-    probability = np.array([float(r.get("probability") or "nan") for r in rows])
-    classes = _class_names(path.parent) or sorted(set(predicted) - {UNASSIGNED})
-    return Predictions(ids, predicted, probability, classes, path.parent)
+    try:
+        probability = np.array([float(r.get("probability") or "nan") for r in rows])
+    except ValueError as err:
+        raise UserError(
+            f"{path} has a probability that is not a number ({err})", f"pass the {CSV} of hitanno predict"
+        ) from None
+    classes = (record["class_names"] if record else None) or sorted(set(predicted) - {UNASSIGNED})
+    return Predictions(ids, predicted, probability, list(classes), path.parent)
 
 
-def _class_names(directory: Path) -> list[str] | None:
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a predictions table, refusing one that is not a complete CSV of them."""
+    fix = f"pass the {CSV} written by hitanno predict"
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path} is not a predictions table ({type(err).__name__})", fix) from None
+    if not rows or not {"cell_id", "predicted"} <= set(rows[0]):
+        raise UserError(f"{path} is not a hitanno {CSV} (needs cell_id and predicted columns, and a row)", fix)
+    for number, row in enumerate(rows, start=2):
+        if None in row or None in row.values():  # too many or too few fields
+            raise UserError(f"{path} line {number} does not have one value per column (truncated?)", fix)
+    return rows
+
+
+def read_record(directory: Path) -> dict[str, Any] | None:
+    """The verified attributes of ``probabilities.zarr`` (header, class names, hashes); None
+    if the folder has none (a table made by hand)."""
     store = directory / PROBABILITIES
-    if not (store / "zarr.json").is_file():
+    if not store.exists():
         return None
-    meta = dict(zarr.open_group(store, mode="r").attrs).get("hitanno", {})
-    return list(meta.get("class_names") or []) or None
+    fix = "run hitanno predict again"
+    try:
+        record = dict(zarr.open_group(store, mode="r").attrs)["hitanno"]
+        header = artifacts.check_header(record.get("header"), artifacts.PREDICTIONS, store)
+    except UserError:
+        raise
+    except Exception:
+        raise UserError(f"{store} is damaged (its attributes cannot be read)", fix) from None
+    body = {key: value for key, value in record.items() if key != "meta_hash"}
+    hashed = artifacts.is_hashed(header) or "meta_hash" in record
+    if hashed and record.get("meta_hash") != artifacts.sha256_json(body):
+        raise UserError(f"{store} is corrupted or was edited: its attributes do not match their hash", fix)
+    if not hashed:  # written before predictions carried hashes
+        record = {**record, "hashes": {}}
+    return record
 
 
 def read_embeddings(directory: Path, cell_ids: np.ndarray) -> np.ndarray | None:
-    """The cell embeddings beside the predictions, row-aligned with ``cell_ids``; None if absent."""
+    """The cell embeddings beside the predictions, row-aligned with ``cell_ids`` and checked
+    against their hash; None if absent or for other cells."""
     store = directory / EMBEDDINGS
     if not (store / "zarr.json").is_file():
         return None
-    group = zarr.open_group(store, mode="r")
-    ids = group["cell_ids"][:].astype(object)
+    record = read_record(directory) or {"hashes": {}}
+    try:
+        group = zarr.open_group(store, mode="r")
+        ids = group["cell_ids"][:].astype(object)
+        embeddings = np.ascontiguousarray(group["embeddings"][:], dtype=np.float32)
+    except Exception:
+        raise UserError(f"{store} is damaged (cannot be read)", "run hitanno predict again") from None
+    expected = record["hashes"].get("embeddings")
+    found = "sha256:" + hashlib.sha256(embeddings).hexdigest()
+    if expected is not None and (expected != found or record["hashes"].get("cell_ids") != artifacts.sha256_lines(ids)):
+        raise UserError(f"{store} is corrupted or was edited: it does not match its hash", "run hitanno predict again")
     if len(ids) != len(cell_ids) or not np.array_equal(ids, cell_ids):
         return None
-    return np.asarray(group["embeddings"][:], dtype=np.float32)
+    return embeddings

@@ -134,6 +134,16 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
                 else:
                     cached = None
             bar.advance(chunk.shape[0])
+    if not peak_total.any():  # every TF-IDF value, hence every score, would be 0
+        if not cell_total.any():
+            raise UserError(
+                f"{h5.path} has no counts in any cell",
+                "pass the raw count matrix (use --layer if the counts are in a layer)",
+            )
+        raise UserError(
+            f"{h5.path} has no counts in any labelled cell that is kept",
+            "check --label-key and --exclude-types, and pass the raw count matrix",
+        )
     sums = np.zeros(n_types * n_peaks, dtype=np.float64)
     sumsq = np.zeros(n_types * n_peaks, dtype=np.float64)
     with console.progress("select-peaks: t-test", h5.n_obs) as bar:
@@ -226,6 +236,22 @@ def _known(positions: np.ndarray) -> list[int | None]:
     return [p if p >= 0 else None for p in positions.astype(np.int64).tolist()]
 
 
+def check_options(min_cells: int, n_candidates: int, peaks_per_type: int | None) -> None:
+    """Refuse option values that could only give an empty or meaningless panel."""
+    if min_cells < 1:
+        raise UserError(f"--min-cells must be at least 1 (got {min_cells})", "e.g. --min-cells 10 (the default)")
+    if n_candidates < 1:
+        raise UserError(
+            f"--n-candidates must be at least 1 (got {n_candidates})",
+            f"e.g. --n-candidates {N_CANDIDATES} (the published value)",
+        )
+    if peaks_per_type is not None and peaks_per_type < 1:
+        raise UserError(
+            f"--peaks-per-type must be at least 1 (got {peaks_per_type})",
+            "e.g. --peaks-per-type 500, or leave it out for the published size",
+        )
+
+
 def select_peaks(
     reference: str | Path,
     *,
@@ -238,8 +264,11 @@ def select_peaks(
     chunk_rows: int | None = None,
 ) -> Panel:
     """The peak panel of a labelled reference ``.h5ad`` (save it with :meth:`Panel.save`)."""
+    check_options(min_cells, n_candidates, peaks_per_type)
     keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     with artifacts.sha256_file_in_background(reference) as reference_hash, H5ad(reference, layer=layer) as h5:
+        h5.check_not_empty()
+        h5.unique_obs_names()
         labels = h5.labels(label_key)
         types, sizes = choose_types(labels, min_cells, exclude_types, reference)
         var = h5.var  # read whole once: its index gives the names, its columns the coordinates
@@ -256,8 +285,11 @@ def select_peaks(
                     f"published size P = {formula} peaks per type exceeds the {h5.n_vars} "
                     f"reference peaks; using P = {peaks_per_type}"
                 )
-        if peaks_per_type < 1:
-            raise UserError("--peaks-per-type must be at least 1", "pass a positive number")
+        if peaks_per_type < 1:  # only the default can get here: fewer peaks than types
+            raise UserError(
+                f"{reference} has {h5.n_vars} peak(s) for {len(types)} cell types; a panel needs at least one per type",
+                "pass a reference with more peaks, or leave types out with --exclude-types",
+            )
         moments = reference_moments(h5, codes, len(types), chunk_rows)
         scores = welch_t(moments.sums, moments.sumsq, moments.n_per_type)
         order, chosen = rare_first_sets(scores, moments.n_per_type, peaks_per_type, n_candidates, types)

@@ -57,6 +57,14 @@ def simulation_config(
 
     if n_types < 2 or n_peaks < n_types or min(n_ref, n_query) < 2 * n_types:
         raise UserError("simulation sizes too small", "use ≥ 2 types, ≥ 2 cells per type and more peaks than types")
+    if not 0.0 < open_fraction < 1.0:
+        raise UserError(
+            f"--open-fraction {open_fraction} is not a share of peaks in (0, 1)", "e.g. --open-fraction 0.03"
+        )
+    if not 0.0 <= batch_peak_share <= 1.0:
+        raise UserError(
+            f"--batch-peak-share {batch_peak_share} is not a share in [0, 1]", "e.g. --batch-peak-share 0.1"
+        )
     return SimulationConfig(
         n_ref=n_ref,
         n_query=n_query,
@@ -155,6 +163,16 @@ def _peak_table(n_peaks: int, rng: np.random.Generator) -> pd.DataFrame:
     chrom = np.array([f"chr{c}" for c in chroms])
     names = [f"{c}:{s}-{e}" for c, s, e in zip(chrom, starts, ends)]
     return pd.DataFrame({"chrom": chrom, "start": starts, "end": ends}, index=names)
+
+
+def simulate_pair(output: str | Path, *, config: SimulationConfig, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a simulated ``reference.h5ad`` and ``query.h5ad`` into the folder ``output``, atomically."""
+    from hitanno_cli import artifacts, outputs
+
+    with outputs.writing(output, kind=outputs.PAIR_FOLDER, overwrite=overwrite) as out:
+        with artifacts.atomic_dir(out, overwrite=True) as tmp:
+            write_pair(config, tmp)
+    return out / "reference.h5ad", out / "query.h5ad"
 
 
 def write_pair(cfg: SimulationConfig, out_dir: str | Path) -> tuple[Path, Path]:

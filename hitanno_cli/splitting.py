@@ -8,9 +8,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.errors import UserError
-from hitanno_cli.h5ad import H5ad
+from hitanno_cli.h5ad import READ_ERRORS, H5ad, damaged
 
 
 def query_mask(
@@ -54,14 +54,28 @@ def query_mask(
 
 
 def write_split(data: str | Path, mask: np.ndarray, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``reference.h5ad`` (cells not in ``mask``) and ``query.h5ad`` (cells in it)."""
-    backed = ad.read_h5ad(data, backed="r")
+    """Write ``reference.h5ad`` (cells not in ``mask``) and ``query.h5ad`` (cells in it).
+
+    A failure to read ``data`` (truncated or damaged) is a :class:`UserError`; a failure
+    to write is not caught here.
+    """
+    try:
+        backed = ad.read_h5ad(data, backed="r")
+    except READ_ERRORS as err:
+        raise damaged(data, err) from None
     try:
         paths = out_dir / "reference.h5ad", out_dir / "query.h5ad"
         for rows, path in ((~mask, paths[0]), (mask, paths[1])):
-            backed[np.flatnonzero(rows)].to_memory().write_h5ad(path)
+            try:
+                part = backed[np.flatnonzero(rows)].to_memory()
+            except READ_ERRORS as err:
+                raise damaged(data, err) from None
+            part.write_h5ad(path)
     finally:
-        backed.file.close()
+        try:
+            backed.file.close()
+        except READ_ERRORS:  # closing a damaged file can fail too
+            pass
     return paths
 
 
@@ -80,12 +94,15 @@ def split(
     one value of the column ``by`` becomes the query (default: its smallest group), or,
     without ``by``, a random ``query_fraction`` of the cells (stratified by ``label_key``)."""
     with H5ad(data) as h5:
+        if h5.n_obs < 2:
+            raise UserError(f"{data} has {h5.n_obs} cell(s); a split needs at least 2", "pass a file with more cells")
+        h5.unique_obs_names()
         obs = h5.obs
     mask = query_mask(
         obs, by=by, query_value=query_value, fraction=query_fraction, label_key=label_key, seed=seed, source=data
     )
-    out = Path(output)
-    with artifacts.atomic_dir(out, overwrite) as tmp:
-        write_split(data, mask, tmp)
+    with outputs.writing(output, kind=outputs.PAIR_FOLDER, overwrite=overwrite, inputs=[data]) as out:
+        with artifacts.atomic_dir(out, overwrite=True) as tmp:
+            write_split(data, mask, tmp)
     console.info(f"split: {int((~mask).sum())} reference and {int(mask.sum())} query cells → {out}")
     return out / "reference.h5ad", out / "query.h5ad"

@@ -161,9 +161,14 @@ def test_output_exists_without_overwrite(tmp_path, good) -> None:
     panel.write_text("precious")
     _assert_refused(_select(good, panel), "--overwrite", panel)
     assert panel.read_text() == "precious"
-    assert run_cli(*_select(good, panel, "--overwrite")).exit_code == 0
+    _assert_refused(_select(good, panel, "--overwrite"), "replaces only a hitanno.panel", panel)  # not a panel
+    assert panel.read_text() == "precious"
+    panel.unlink()
+    assert run_cli(*_select(good, panel)).exit_code == 0
+    assert run_cli(*_select(good, panel, "--overwrite")).exit_code == 0  # a panel: replaced
     store = tmp_path / "s.zarr"
     store.mkdir()
     (store / "mine.txt").write_text("keep")
     _assert_refused(["encode", str(good), "-p", str(panel), "-o", str(store)], "--overwrite", store)
+    _assert_refused(["encode", str(good), "-p", str(panel), "-o", str(store), "--overwrite"], "replaces only", store)
     assert (store / "mine.txt").read_text() == "keep"

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hitanno_cli import artifacts, console, plotting
+from hitanno_cli import artifacts, console, outputs, plotting
 from hitanno_cli.clustering import io
 from hitanno_cli.clustering.config import TrainConfig
 from hitanno_cli.clustering.graph import GraphConfig, check_neighbors
@@ -176,10 +176,14 @@ def relabel_centroids(labels: np.ndarray, centroids: np.ndarray) -> tuple[np.nda
 
 def _run(data_path: str | Path, out: str | Path, options: ClusterOptions, *, overwrite: bool = False) -> dict[str, Any]:
     """:func:`cluster` with its options gathered in ``options``."""
-    start = time.perf_counter()
-    out = Path(out)
     options.check()
-    artifacts.refuse_existing(out, overwrite)
+    kind, inputs = artifacts.CLUSTER_MODEL, [data_path]
+    with outputs.writing(out, kind=kind, overwrite=overwrite, inputs=inputs) as path:
+        return _cluster(Path(data_path), path, options)
+
+
+def _cluster(data_path: Path, out: Path, options: ClusterOptions) -> dict[str, Any]:
+    start = time.perf_counter()
     device = resolve_device(options.device)
     keep_freed_memory()
     counts = read_counts(data_path, options.label_key, options.layer, integer=options.modality == "rna")
@@ -233,7 +237,7 @@ def _run(data_path: str | Path, out: str | Path, options: ClusterOptions, *, ove
             "header": header,
         }
     )
-    with artifacts.atomic_dir(out, overwrite=overwrite) as tmp:
+    with artifacts.atomic_dir(out, overwrite=True) as tmp:
         io.write_labels(tmp / io.LABELS, counts.cell_ids, labels, data.kept)
         io.write_embedding(tmp / io.EMBEDDING, counts.cell_ids, z, labels=labels, kept=data.kept, header=header)
         io.save_model(

@@ -32,7 +32,7 @@ def simulate_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Write a synthetic scATAC-seq reference and a batch-shifted query (labels in cell_type)."""
-    from hitanno_cli.simulate import simulation_config, write_pair
+    from hitanno_cli.simulate import simulate_pair, simulation_config
 
     cfg = simulation_config(
         n_ref=n_ref,
@@ -43,9 +43,7 @@ def simulate_cmd(
         batch_peak_share=batch_peak_share,
         seed=seed,
     )
-
-    with artifacts.atomic_dir(output, overwrite) as tmp:
-        write_pair(cfg, tmp)
+    simulate_pair(output, config=cfg, overwrite=overwrite)
     console.info(
         f"simulate: {n_ref} reference + {n_query} query cells × {n_peaks} peaks, "
         f"{n_types} types → {output}/reference.h5ad, {output}/query.h5ad"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.commands.common import Overwrite, Quiet, command, split_list
 from hitanno_cli.selection import N_CANDIDATES
 
@@ -37,17 +37,17 @@ def select_peaks_cmd(
     """Choose each cell type's marker peaks (TF-IDF, Welch t-test, rare types first)."""
     from hitanno_cli.selection import select_peaks
 
-    artifacts.refuse_existing(output, overwrite)
-    panel = select_peaks(
-        reference,
-        label_key=label_key,
-        peaks_per_type=peaks_per_type,
-        min_cells=min_cells,
-        exclude_types=split_list(exclude_types),
-        n_candidates=n_candidates,
-        layer=layer,
-    )
-    panel.save(output, overwrite=overwrite)
+    with outputs.writing(output, kind=artifacts.PANEL, overwrite=overwrite, inputs=[reference]):
+        panel = select_peaks(
+            reference,
+            label_key=label_key,
+            peaks_per_type=peaks_per_type,
+            min_cells=min_cells,
+            exclude_types=split_list(exclude_types),
+            n_candidates=n_candidates,
+            layer=layer,
+        )
+        panel.save(output, overwrite=True)
     console.info(f"select-peaks: {panel.n_types} types × {panel.peaks_per_type} peaks → {output}")
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from hitanno_cli import console
+from hitanno_cli import artifacts, console
 from hitanno_cli.commands.common import Quiet, command, split_list
 from hitanno_cli.pipeline import OUTPUTS, STAGES, RunSettings, run
 from hitanno_cli.training.options import PSEUDO_LABEL_FRACTION
@@ -77,7 +76,10 @@ def run_cmd(
         from hitanno_cli.commands.evaluate import print_summary
 
         report = output / OUTPUTS["evaluate"]
-        print_summary(json.loads((report / "metrics.json").read_text()), report)
+        metrics = artifacts.read_verified_json(
+            report / "metrics.json", artifacts.EVALUATION, fix="rerun with --from evaluate"
+        )
+        print_summary(metrics, report)
     else:
         from hitanno_cli import predictions
 

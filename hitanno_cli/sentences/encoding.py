@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from hitanno_cli import artifacts, console
+from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.errors import UserError
 from hitanno_cli.h5ad import H5ad, check_counts
 from hitanno_cli.host import keep_freed_memory, usable_cores
@@ -51,6 +51,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise UserError(f"--shard '{text}' is not of the form I/N", "e.g. --shard 0/8") from None
+    if n < 1:
+        raise UserError(f"--shard {text}: N must be at least 1", "e.g. --shard 0/8")
     if not 0 <= i < n:
         raise UserError(f"--shard {text}: I must be in 0..N-1", f"use 0/{n} to {n - 1}/{n}")
     return i, n
@@ -91,10 +93,38 @@ def encode(
     the one that assembled it.
     """
     data, out = Path(data), Path(output)
-    artifacts.refuse_existing(out, overwrite)
+    n_shards = parse_shard(shard)[1]
+    with outputs.writing(out, kind=artifacts.SENTENCES, overwrite=overwrite, inputs=[data, panel], shared=n_shards > 1):
+        return _encode(
+            data,
+            out,
+            panel=panel,
+            label_key=label_key,
+            min_coverage=min_coverage,
+            shard=shard,
+            layer=layer,
+            overwrite=overwrite,
+        )
+
+
+def _encode(
+    data: Path,
+    out: Path,
+    *,
+    panel: str | Path,
+    label_key: str | None,
+    min_coverage: float,
+    shard: str | None,
+    layer: str | None,
+    overwrite: bool,
+) -> Path | None:
+    if not 0.0 <= min_coverage <= 1.0:  # also refuses nan
+        raise UserError(f"--min-coverage {min_coverage} is not a share of the panel", "use a value in [0, 1]")
     keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     loaded = Panel.load(panel)
     with H5ad(data, layer=layer) as h5:
+        h5.check_not_empty()
+        h5.unique_obs_names()  # ids identify cells in every later stage
         names = h5.unique_var_names()
         if label_key is not None:
             h5.labels(label_key)  # refuse a missing key before any work
@@ -280,7 +310,7 @@ def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: str) -> No
         coverage={"found": match.found, "of": match.n_panel, "by_name": match.by_name, "by_overlap": match.by_overlap},
         label_key=job.label_key,
     )
-    write_cells_and_attrs(group, identity, digests, h5.obs_names(), labels)
+    write_cells_and_attrs(group, identity, digests, h5.unique_obs_names(), labels)
     for name in ("plan.json", "shards", "digests", "finalizing", "failed"):
         path = staging / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

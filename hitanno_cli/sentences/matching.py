@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hitanno_cli.genome import Intervals, overlap_pairs, peak_intervals
+from hitanno_cli.genome import Intervals, canonical_chrom, overlap_pairs, peak_intervals
 from hitanno_cli.panel import Panel
 
 
@@ -24,6 +25,8 @@ class PeakMatch:
     n_panel: int
     by_name: int
     by_overlap: int
+    renamed_chromosomes: int = 0  # of by_overlap: found only because chromosome names were translated
+    chromosome_renames: tuple[tuple[str, str], ...] = ()  # distinct (data name, panel name) pairs
 
     @functools.cached_property
     def lookup(self) -> np.ndarray | None:
@@ -57,21 +60,64 @@ class PeakMatch:
 
     def describe(self, source: str) -> str:
         """One line for the log: how many panel peaks were found in ``source``, and how."""
+        renamed = ""
+        if self.renamed_chromosomes:
+            renamed = f", {self.renamed_chromosomes} of them via {describe_renames(self.chromosome_renames)}"
         return (
             f"{self.found}/{self.n_panel} panel peaks found in {source} "
-            f"({self.by_name} by name, {self.by_overlap} by overlap; coverage {self.coverage:.3f})"
+            f"({self.by_name} by name, {self.by_overlap} by overlap{renamed}; coverage {self.coverage:.3f})"
         )
 
     @classmethod
     def from_pairs(
-        cls, columns: np.ndarray, targets: np.ndarray, *, n_columns: int, n_panel: int, by_name: int, by_overlap: int
+        cls,
+        columns: np.ndarray,
+        targets: np.ndarray,
+        *,
+        n_columns: int,
+        n_panel: int,
+        by_name: int,
+        by_overlap: int,
+        renamed_chromosomes: int = 0,
+        chromosome_renames: tuple[tuple[str, str], ...] = (),
     ) -> PeakMatch:
         """The map of ``(column, panel position)`` pairs, in any order."""
         order = np.lexsort((targets, columns))
         columns, targets = columns[order], targets[order]
         indptr = np.zeros(n_columns + 1, dtype=np.int64)
         np.cumsum(np.bincount(columns, minlength=n_columns), out=indptr[1:])
-        return cls(indptr, targets.astype(np.int64), n_panel, by_name, by_overlap)
+        return cls(
+            indptr, targets.astype(np.int64), n_panel, by_name, by_overlap, renamed_chromosomes, chromosome_renames
+        )
+
+
+def describe_renames(renames: tuple[tuple[str, str], ...]) -> str:
+    """How data chromosome names were translated to the panel's, in a few words.
+
+    The common cases are named as such (Ensembl ``1`` to UCSC ``chr1`` or back; the
+    mitochondrion, ``MT`` vs ``chrM``, goes along); anything else shows an example pair.
+    """
+    kinds = {_rename_kind(data, panel) for data, panel in renames} - {"mito"}
+    if kinds == {"add chr"}:
+        return "chromosome names without 'chr' matched to 'chr…'"
+    if kinds == {"drop chr"}:
+        return "'chr…' chromosome names matched to names without 'chr'"
+    if not renames:
+        return "translated chromosome names"
+    data, panel = renames[0]
+    more = f" and {len(renames) - 1} more" if len(renames) > 1 else ""
+    return f"translated chromosome names ('{data}' to '{panel}'{more})"
+
+
+def _rename_kind(data: str, panel: str) -> str:
+    """Which translation took data chromosome ``data`` to panel chromosome ``panel``."""
+    if canonical_chrom(data) == "M":
+        return "mito"
+    if panel.lower() == "chr" + data.lower():
+        return "add chr"
+    if data.lower() == "chr" + panel.lower():
+        return "drop chr"
+    return "other"
 
 
 def match_panel(panel: Panel, names: np.ndarray, var: Callable[[], Any]) -> PeakMatch:
@@ -83,7 +129,7 @@ def match_panel(panel: Panel, names: np.ndarray, var: Callable[[], Any]) -> Peak
     by_name = pd.Index(names).get_indexer(pd.Index(panel.flat_names())).astype(np.int64)  # names are unique
     named = by_name >= 0
     columns, targets = [by_name[named]], [np.flatnonzero(named)]
-    n_overlap = 0
+    n_overlap, n_renamed, renames = 0, 0, ()
     if not named.all():
         panel_iv = panel.flat_intervals()
         unmatched = np.flatnonzero(~named)
@@ -93,6 +139,7 @@ def match_panel(panel: Panel, names: np.ndarray, var: Callable[[], Any]) -> Peak
         columns.append(q)
         targets.append(unmatched[t])
         n_overlap = int(np.unique(t).size)
+        n_renamed, renames = _renamed(data_iv.chrom[q], sub.chrom[t], t)
     return PeakMatch.from_pairs(
         np.concatenate(columns),
         np.concatenate(targets),
@@ -100,4 +147,27 @@ def match_panel(panel: Panel, names: np.ndarray, var: Callable[[], Any]) -> Peak
         n_panel=panel.size,
         by_name=int(named.sum()),
         by_overlap=n_overlap,
+        renamed_chromosomes=n_renamed,
+        chromosome_renames=renames,
     )
+
+
+def _renamed(data_chrom: np.ndarray, panel_chrom: np.ndarray, t: np.ndarray) -> tuple[int, tuple[tuple[str, str], ...]]:
+    """Overlap pairs whose chromosomes are named differently: panel peaks found only so, and the name pairs.
+
+    A panel peak counts when none of its overlapping data peaks shares its chromosome's
+    name as written (it would not have been found without translation).
+    """
+    if t.size == 0:
+        return 0, ()
+    data_chrom, panel_chrom = data_chrom.astype(str), panel_chrom.astype(str)
+    same = data_chrom == panel_chrom
+    found_as_written = np.unique(t[same])
+    n_renamed = int(np.setdiff1d(np.unique(t[~same]), found_as_written).size)
+    pairs = sorted(set(zip(data_chrom[~same].tolist(), panel_chrom[~same].tolist())), key=_natural)
+    return n_renamed, tuple(pairs)
+
+
+def _natural(pair: tuple[str, str]) -> tuple:
+    """Sort key putting ``chr2`` before ``chr10`` (so an example names a familiar chromosome)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", pair[1]))

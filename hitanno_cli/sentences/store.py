@@ -7,16 +7,19 @@ Layout (format ``hitanno.sentences``)::
     cell_ids     str [cells]
     labels       str [cells] ("" where missing), only when encoded with a label column
     attrs["hitanno"]: header, content_hash, n_cells, cell_types, peaks_per_type,
-                      panel_hash, coverage, labels
+                      panel_hash, coverage, labels, array_hashes, meta_hash
 
-The content hash covers the chunk digests, the ids and the labels; readers check every
-chunk they read against its digest.
+The content hash covers the chunk digests, the ids and the labels. Every piece is
+verified where it is read: the attributes against ``meta_hash`` (their own hash) and the
+digest, id and label arrays against ``array_hashes`` when the store is opened or the
+array read, and every chunk of ``bits`` against its digest as it is streamed.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,14 +83,16 @@ def write_cells_and_attrs(
     """Write a store's chunk digests, cell ids and labels, and its attributes (content hash included)."""
     group["bits_sha256"][:] = digests
     artifacts.write_strings(group, "cell_ids", ids)
+    ids_hash = artifacts.sha256_lines(ids)
     content = hashlib.sha256(digests.tobytes())
-    content.update(artifacts.sha256_lines(ids).encode())
-    label_info = None
+    content.update(ids_hash.encode())
+    label_info, labels_hash = None, None
     if labels is not None:
         artifacts.write_strings(group, "labels", labels)
-        content.update(artifacts.sha256_lines(labels).encode())
+        labels_hash = artifacts.sha256_lines(labels)
+        content.update(labels_hash.encode())
         label_info = {"key": identity.label_key, "missing": int((labels == "").sum())}
-    group.attrs["hitanno"] = {
+    meta = {
         "header": identity.header,
         "content_hash": "sha256:" + content.hexdigest(),
         "n_cells": int(ids.shape[0]),
@@ -96,7 +101,13 @@ def write_cells_and_attrs(
         "panel_hash": identity.panel_hash,
         "coverage": identity.coverage,
         "labels": label_info,
+        "array_hashes": {"bits_sha256": _sha256_bytes(digests), "cell_ids": ids_hash, "labels": labels_hash},
     }
+    group.attrs["hitanno"] = {**meta, "meta_hash": artifacts.sha256_json(meta)}
+
+
+def _sha256_bytes(array: np.ndarray) -> str:
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(array)).hexdigest()
 
 
 def write_store(
@@ -169,12 +180,45 @@ class SentenceStore:
         try:
             self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
             meta = dict(self._group.attrs)["hitanno"]
+            if not isinstance(meta, dict):
+                raise TypeError("attributes")
         except Exception:
             raise UserError(f"{self.path} is not a hitanno sentence store", "create it with hitanno encode") from None
-        artifacts.check_header(meta.get("header"), artifacts.SENTENCES, self.path)
+        header = artifacts.check_header(meta.get("header"), artifacts.SENTENCES, self.path)
+        self.hashed = artifacts.is_hashed(header) or "meta_hash" in meta
+        if self.hashed:
+            body = {key: value for key, value in meta.items() if key != "meta_hash"}
+            if meta.get("meta_hash") != artifacts.sha256_json(body):
+                raise self.corrupted("its attributes do not match their hash")
         self.meta = meta
-        self._bits = self._group["bits"]
-        self._digests = self._group["bits_sha256"][:]
+        with self.reading("bits_sha256"):
+            self._bits = self._group["bits"]
+            self._digests = self._group["bits_sha256"][:]
+            n_chunks = -(-self.n_cells // max(self.chunk_cells, 1))
+            n_bytes = (self.n_positions + 7) // 8
+            if self._bits.shape != (self.n_cells, n_bytes) or self._digests.shape != (n_chunks, 32):
+                raise self.corrupted("its arrays do not have the shapes its attributes give")
+        self._verify("bits_sha256", _sha256_bytes(self._digests))
+
+    def corrupted(self, why: str) -> UserError:
+        """The error for a store that fails a check."""
+        return UserError(f"{self.path} is corrupted or was edited: {why}", "re-create the store with hitanno encode")
+
+    @contextmanager
+    def reading(self, what: str) -> Iterator[None]:
+        """Turn any failure to read part of the store (a damaged chunk, a missing array) into
+        a one-line error naming it."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:
+            raise self.corrupted(f"{what} cannot be read ({type(err).__name__})") from None
+
+    def _verify(self, name: str, found: str) -> None:
+        """Check an array read whole against the hash the attributes record for it."""
+        if self.hashed and self.meta.get("array_hashes", {}).get(name) != found:
+            raise self.corrupted(f"{name} does not match its hash")
 
     @property
     def n_cells(self) -> int:
@@ -214,20 +258,32 @@ class SentenceStore:
             )
 
     def cell_ids(self) -> np.ndarray:
-        """Cell ids as an object array of str."""
-        return self._group["cell_ids"][:].astype(object)
+        """Cell ids as an object array of str (checked against their hash)."""
+        with self.reading("cell_ids"):
+            ids = self._group["cell_ids"][:].astype(object)
+        if ids.shape != (self.n_cells,):
+            raise self.corrupted("cell_ids has another length than the store")
+        self._verify("cell_ids", artifacts.sha256_lines(ids))
+        return ids
 
     def labels(self) -> np.ndarray | None:
-        """Labels as an object array of str (``""`` where missing); None if encoded without."""
-        if "labels" not in self._group:
+        """Labels as an object array of str (``""`` where missing; checked against their
+        hash); None if encoded without."""
+        if self.meta.get("labels") is None:
             return None
-        return self._group["labels"][:].astype(object)
+        with self.reading("labels"):
+            labels = self._group["labels"][:].astype(object)
+        if labels.shape != (self.n_cells,):
+            raise self.corrupted("labels has another length than the store")
+        self._verify("labels", artifacts.sha256_lines(labels))
+        return labels
 
     def read_packed(self, lo: int, hi: int) -> np.ndarray:
         """Packed states of cells ``[lo, hi)``; whole chunks read are checked by hash."""
         chunk = self.chunk_cells
         c0, c1 = lo // chunk, -(-hi // chunk)
-        block = self._bits[c0 * chunk : min(c1 * chunk, self.n_cells)]
+        with self.reading(f"bits (cells {lo}..{hi})"):
+            block = self._bits[c0 * chunk : min(c1 * chunk, self.n_cells)]
         for c in range(c0, c1):
             part = block[(c - c0) * chunk : (c - c0 + 1) * chunk]
             if not np.array_equal(chunk_digest(part), self._digests[c]):

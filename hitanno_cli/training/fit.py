@@ -4,12 +4,14 @@ model directory, or, when interrupted, its resumable state."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-from hitanno_cli import artifacts, checkpoint, console
+from hitanno_cli import artifacts, checkpoint, console, outputs
 from hitanno_cli.errors import UserError
 from hitanno_cli.host import keep_freed_memory
 from hitanno_cli.panel import Panel
@@ -42,19 +44,21 @@ def train(
     """Train a model on a labelled sentence store and write the model directory ``output``.
 
     ``options`` default to the ``default`` recipe. ``on_batch(epoch, step)`` is called
-    after every update (progress, or a test stopping the run). Raises :class:`Interrupted` after saving a
-    resumable state when SIGINT or SIGTERM arrives.
+    after every update (progress, or a test stopping the run). Raises :class:`Interrupted`
+    after saving a resumable state when SIGINT or SIGTERM arrives.
     """
     out = Path(output)
     options = recipe_options("default") if options is None else options
     options.check()
     chosen = resolve_device(device, gpu)
     keep_freed_memory()
-    check_output(out, resume, overwrite)
+    check_output(out, resume=resume, overwrite=overwrite, inputs=[sentences, panel])
     store = SentenceStore(sentences)
     loaded_panel = Panel.load(panel)
     store.check_panel(loaded_panel.content_hash)
-    with distributed(chosen) as world:
+    # under torchrun only rank 0 writes, so only it holds the output's lock
+    lock = outputs.output_lock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    with lock, distributed(chosen) as world:
         chosen = rank_device(chosen, world)
         if not world.main:
             console.set_quiet(True)
@@ -78,18 +82,25 @@ def train(
     return out
 
 
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+def is_model_or_interrupted_run(path: Path) -> bool:
+    """Whether ``path`` is what ``train`` writes: a model directory, or an interrupted run's."""
+    return artifacts.kind_of(path) == artifacts.MODEL or (path / checkpoint.RESUME / "state.json").is_file()
+
+
+def check_output(out: Path, *, resume: bool, overwrite: bool, inputs: list[str | Path]) -> None:
     """Refuse to clobber a model, or to start over silently on an interrupted run."""
     if resume:
+        outputs.check_output(out, kind=MODEL_DIRECTORY, overwrite=True, inputs=inputs)
         if not (out / checkpoint.RESUME).is_dir():
             raise UserError(f"{out} holds no interrupted run to resume", "run hitanno train without --resume")
         return
-    if out.exists() and not overwrite:
-        if (out / checkpoint.RESUME).is_dir():
-            raise UserError(
-                f"{out} holds an interrupted run", "pass --resume to continue it, or --overwrite to start over"
-            )
-        artifacts.refuse_existing(out, overwrite)
+    if out.is_dir() and (out / checkpoint.RESUME).is_dir() and not overwrite:
+        raise UserError(f"{out} holds an interrupted run", "pass --resume to continue it, or --overwrite to start over")
+    outputs.check_output(out, kind=MODEL_DIRECTORY, overwrite=overwrite, inputs=inputs)
+
+
+#: What ``train --overwrite`` may replace.
+MODEL_DIRECTORY = (is_model_or_interrupted_run, "model directory")
 
 
 def write_run(out: Path, trainer: Trainer, sentences: str | Path, finished: bool) -> None:

@@ -68,6 +68,7 @@ class TrainOptions:
             (self.embed_init in ("random", "lsi"), "--embed-init must be random or lsi"),
             (self.embed_lr_scale > 0, "--embed-lr-scale must be positive"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
+            (self.buffer_cells >= 1, "--buffer-cells must be at least 1"),
         ]
         for ok, message in rules:
             if not ok:
