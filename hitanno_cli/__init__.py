@@ -11,6 +11,11 @@ One keyword-only function per stage; the command line is a thin layer over them:
     ha.train("ref.zarr", panel="panel.json", output="model")
     ha.predict("model", h5ad="query.h5ad", output="predictions")
 
+or, in a notebook, on AnnData objects::
+
+    model = ha.fit(reference, label_key="cell_type", output="model")
+    query = ha.annotate(query, model=model)    # obs["hitanno_label"], obsm["X_hitanno"], …
+
 The functions are imported on first use, so ``import hitanno_cli`` stays quick.
 """
 
@@ -33,6 +38,9 @@ _API = {
     "cluster": "hitanno_cli.clustering",
     "run": "hitanno_cli.pipeline",
     "split": "hitanno_cli.splitting",
+    "annotate": "hitanno_cli.annotate",
+    "fit": "hitanno_cli.annotate",
+    "write_annotated_h5ad": "hitanno_cli.anndata_io",
     "recipe_options": "hitanno_cli.training",
     "Panel": "hitanno_cli.panel",
     "SentenceStore": "hitanno_cli.sentences",

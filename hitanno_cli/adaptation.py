@@ -68,7 +68,7 @@ def self_train(
     sentences: str | Path,
     *,
     query: str | Path,
-    panel: str | Path,
+    panel: str | Path | None = None,
     output: str | Path,
     options: TrainOptions,
     fraction: float = PSEUDO_LABEL_FRACTION,
@@ -81,7 +81,7 @@ def self_train(
         raise UserError(f"--pseudo-label-fraction must be in (0, 1], got {fraction}", "e.g. 0.3")
     if world_size() > 1:
         raise UserError("self-training (--adapt-to) runs in one process", "run it without torchrun")
-    inputs = [sentences, query, panel]
+    inputs = [sentences, query] + ([panel] if panel is not None else [])
     with outputs.writing(output, kind=artifacts.MODEL, overwrite=overwrite, inputs=inputs) as out:
         _self_train(
             Path(sentences), Path(query), out, panel=panel, options=options, fraction=fraction, device=device, gpu=gpu
@@ -95,7 +95,7 @@ def _self_train(
     query: Path,
     out: Path,
     *,
-    panel: str | Path,
+    panel: str | Path | None,
     options: TrainOptions,
     fraction: float,
     device: str,

@@ -264,8 +264,16 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
 
 
 def replace_path(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` onto ``final``, removing an old ``final`` only at the last moment."""
-    if final.is_dir() and not final.is_symlink():
+    """Move ``tmp`` onto ``final``, removing an old ``final`` only at the last moment.
+
+    An empty folder ``final`` (one the user made, or the folder they work in) is kept and
+    filled with ``tmp``'s entries instead, so that it stays the same folder.
+    """
+    if tmp.is_dir() and final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+        for entry in tmp.iterdir():
+            os.replace(entry, final / entry.name)
+        tmp.rmdir()
+    elif final.is_dir() and not final.is_symlink():
         old = final.with_name(final.name + f".old-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)

@@ -171,7 +171,7 @@ def _evaluate(
             picture = report.embedding_map(
                 coords, truth_aligned[pick], preds.predicted[pick], method, tmp / "embedding_map.png"
             )
-            caption = "true and predicted types" + ("" if method == "UMAP" else " (umap-learn is not installed)")
+            caption = "true and predicted types" + ("" if method == "UMAP" else " (PCA: too few cells for UMAP)")
             images.append((picture, f"{method}: {caption}"))
         artifacts.write_verified_json(tmp / "metrics.json", metrics)
         report.write_html(

@@ -37,6 +37,16 @@ READ_ERRORS: tuple[type[BaseException], ...] = (
     InflateError,
 )
 
+#: Usual names of the cell-type column, compared without case, spaces, ``_``, ``-`` or ``.``.
+LABEL_NAMES = frozenset(
+    {"celltype", "celltypes", "label", "labels", "celllabel", "celllabels", "annotation", "cellannotation"}
+)
+
+
+def _squash(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 #: Rows per chunk are chosen so a chunk holds about this many stored entries.
 TARGET_CHUNK_NNZ = 8_000_000
 
@@ -257,6 +267,23 @@ class H5ad:
                 "make var_names unique (adata.var_names_make_unique()) and save the file again",
             )
         return names
+
+    def label_key(self, given: str | None) -> str:
+        """The obs column of cell types: ``given``, or else the one column with a usual name
+        (``cell_type``, ``celltype``, ``CellType``, ``label``, …, in any case and spelling)."""
+        if given is not None:
+            return given
+        columns = self.obs_columns()
+        found = [c for c in columns if _squash(c) in LABEL_NAMES]
+        if len(found) == 1:
+            return found[0]
+        listed = ", ".join(columns[:20]) or "none"
+        problem = (
+            f"several obs columns of {self.path} could hold the cell type ({', '.join(found)})"
+            if found
+            else f"no obs column of {self.path} has a usual cell-type name"
+        )
+        raise UserError(problem, f"pass --label-key with one of: {listed}")
 
     def labels(self, key: str) -> np.ndarray:
         """The ``obs[key]`` column as an object array of str, ``None`` where missing.

@@ -39,8 +39,8 @@ def check_output(output: Path, *, kind: Kind, overwrite: bool, inputs: Sequence[
             raise UserError(f"output {output} is an input of this command ({given})", "write to another path")
     if output.is_symlink():
         raise UserError(f"output {output} is a symbolic link", f"pass the path it points to ({os.readlink(output)})")
-    if not os.path.lexists(output):
-        return
+    if not os.path.lexists(output) or (output.is_dir() and not any(output.iterdir())):
+        return  # nothing there, or an empty folder: nothing to lose
     if not overwrite:
         raise UserError(f"output {output} already exists", "pass --overwrite to replace it")
     test, name = (lambda path: artifacts.kind_of(path) == kind, kind) if isinstance(kind, str) else kind
@@ -114,8 +114,11 @@ def writing(
     inputs: Sequence[str | Path] = (),
     shared: bool = False,
 ) -> Iterator[Path]:
-    """Check ``output`` (:func:`check_output`) and hold its lock while the block writes it."""
-    out = Path(output)
+    """Check ``output`` (:func:`check_output`) and hold its lock while the block writes it.
+
+    Yields the output as an absolute path (``.`` names a folder, not its contents).
+    """
+    out = Path(os.path.abspath(output))
     check_output(out, kind=kind, overwrite=overwrite, inputs=inputs)
     with output_lock(out, shared=shared):
         check_output(out, kind=kind, overwrite=overwrite, inputs=inputs)  # as it is now we hold the lock
@@ -133,3 +136,20 @@ def folder_of(names: Sequence[str], what: str) -> tuple[Callable[[Path], bool], 
 
 #: What ``split`` and ``simulate`` write, and so may replace: a folder of the two files.
 PAIR_FOLDER = folder_of(["reference.h5ad", "query.h5ad"], "reference/query folder")
+
+
+#: The suffixes an input loses before an output's suffix is added (see :func:`default_output`).
+INPUT_SUFFIXES = (".h5ad", ".zarr", ".model", ".panel.json", ".json")
+
+
+def default_output(source: str | Path, suffix: str) -> Path:
+    """Where a command writes when ``-o`` is not given: beside its input, named after it
+    (``ref.h5ad`` → ``ref.panel.json``, ``ref.zarr`` → ``ref.model``, ``query.h5ad`` →
+    ``query.predictions``)."""
+    path = Path(source)
+    name = path.name.rstrip("/")
+    for known in INPUT_SUFFIXES:
+        if name.endswith(known) and len(name) > len(known):
+            name = name[: -len(known)]
+            break
+    return path.parent / f"{name}{suffix}"

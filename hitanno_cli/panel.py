@@ -123,8 +123,12 @@ class Panel:
         A reader can then check the hash on the file's own bytes instead of serialising
         the parsed content again (:meth:`load`).
         """
+        artifacts.atomic_write_text(path, self.text(), overwrite)
+
+    def text(self) -> str:
+        """The panel as :meth:`save` writes it (header and hash first, the content last)."""
         head = json.dumps({"header": self.header, "content_hash": self.content_hash}, ensure_ascii=False)
-        artifacts.atomic_write_text(path, head[:-1] + _BODY_KEY + self.body_text + "}\n", overwrite)
+        return head[:-1] + _BODY_KEY + self.body_text + "}\n"
 
     @classmethod
     def from_json(cls, obj: Any, source: str | Path = "panel") -> Panel:
@@ -162,7 +166,12 @@ class Panel:
         stands; any other layout (hand-formatted, older versions) by the canonical form
         of what was parsed.
         """
-        text = artifacts.read_text(path, "panel")
+        return cls.parse(artifacts.read_text(path, "panel"), path)
+
+    @classmethod
+    def parse(cls, text: str, source: str | Path) -> Panel:
+        """A panel from the text of its file (see :meth:`load`), verified."""
+        path = source
         parts = _saved_parts(text)
         if parts is not None:
             head_text, body_text = parts

@@ -18,11 +18,17 @@ def pyplot() -> ModuleType:
 
 
 def two_d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """A 2-D map of embeddings and its method: UMAP when ``umap-learn`` is installed, else PCA."""
-    try:
-        import umap  # type: ignore[import-not-found]
-    except ImportError:
-        from sklearn.decomposition import PCA
+    """A 2-D map of embeddings and its method: UMAP (15 neighbours, as scanpy), or PCA where
+    UMAP cannot run (too few cells, or umap-learn missing), which the caller's caption says."""
+    n = len(embeddings)
+    if n > 3:
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            pass
+        else:
+            reducer = umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
+            return np.asarray(reducer.fit_transform(embeddings)), "UMAP"
+    from sklearn.decomposition import PCA
 
-        return PCA(n_components=2, random_state=seed).fit_transform(embeddings), "PCA"
-    return umap.UMAP(random_state=seed).fit_transform(embeddings), "UMAP"
+    return PCA(n_components=min(2, n, embeddings.shape[1]), random_state=seed).fit_transform(embeddings), "PCA"

@@ -105,7 +105,7 @@ def run_model(
 def predict(
     model: str | Path,
     *,
-    output: str | Path,
+    output: str | Path | None = None,
     sentences: str | Path | None = None,
     h5ad: str | Path | None = None,
     label_key: str | None = None,
@@ -118,7 +118,8 @@ def predict(
     overwrite: bool = False,
 ) -> Path:
     """Annotate the cells of a sentence store or an ``.h5ad`` with the model directory
-    ``model``; write the predictions directory ``output``."""
+    ``model``; write the predictions directory ``output`` (default: beside the query,
+    ``query.zarr`` → ``query.predictions``)."""
     if (sentences is None) == (h5ad is None):
         raise UserError("pass exactly one query", "use --sentences STORE.zarr or --h5ad DATA.h5ad")
     if not 0.0 <= min_confidence <= 1.0:
@@ -128,6 +129,7 @@ def predict(
     if not 0.0 <= min_coverage <= 1.0:  # also refuses nan
         raise UserError(f"--min-coverage {min_coverage} is not a share of the panel", "use a value in [0, 1]")
     query_path = Path(sentences if sentences is not None else h5ad)
+    output = outputs.default_output(query_path, ".predictions") if output is None else output
     with outputs.writing(output, kind=artifacts.PREDICTIONS, overwrite=overwrite, inputs=[model, query_path]) as out:
         return _predict(
             Path(model),

@@ -255,7 +255,7 @@ def check_options(min_cells: int, n_candidates: int, peaks_per_type: int | None)
 def select_peaks(
     reference: str | Path,
     *,
-    label_key: str,
+    label_key: str | None = None,
     peaks_per_type: int | None = None,
     min_cells: int = 10,
     exclude_types: Sequence[str] = (),
@@ -263,12 +263,17 @@ def select_peaks(
     layer: str | None = None,
     chunk_rows: int | None = None,
 ) -> Panel:
-    """The peak panel of a labelled reference ``.h5ad`` (save it with :meth:`Panel.save`)."""
+    """The peak panel of a labelled reference ``.h5ad`` (save it with :meth:`Panel.save`).
+
+    ``label_key`` names the obs column of cell types; without it, the one column with a
+    usual name (``cell_type``, ``celltype``, ``label``, …) is used.
+    """
     check_options(min_cells, n_candidates, peaks_per_type)
     keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     with artifacts.sha256_file_in_background(reference) as reference_hash, H5ad(reference, layer=layer) as h5:
         h5.check_not_empty()
         h5.unique_obs_names()
+        label_key = h5.label_key(label_key)  # None: the one obs column with a usual cell-type name
         labels = h5.labels(label_key)
         types, sizes = choose_types(labels, min_cells, exclude_types, reference)
         var = h5.var  # read whole once: its index gives the names, its columns the coordinates

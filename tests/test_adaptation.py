@@ -128,8 +128,18 @@ def test_bad_self_training_options_are_one_line_exit_2(
 def test_unlabelled_reference_is_refused_before_training(
     stores: dict, small_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    import anndata as ad
+
+    bare = ad.read_h5ad(small_pair[0])
+    del bare.obs["cell_type"]  # no label column: encode keeps no labels
+    bare.write_h5ad(tmp_path / "bare.h5ad")
     unlabelled = tmp_path / "unlabelled.zarr"
-    assert run_cli("encode", str(small_pair[0]), "-p", str(stores["panel"]), "-o", str(unlabelled), "-q").exit_code == 0
+    assert (
+        run_cli(
+            "encode", str(tmp_path / "bare.h5ad"), "-p", str(stores["panel"]), "-o", str(unlabelled), "-q"
+        ).exit_code
+        == 0
+    )
     result = run_cli(
         "train",
         "-s",
@@ -143,4 +153,4 @@ def test_unlabelled_reference_is_refused_before_training(
         *TINY_CLI,
     )
     assert result.exit_code == 2 and "without labels" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["unlabelled.zarr"]  # no model, no work folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.h5ad", "unlabelled.zarr"]  # no model, no work folder

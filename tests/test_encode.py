@@ -64,7 +64,7 @@ def test_query_with_other_peak_names_is_matched_by_overlap(small_pair, small_pan
     a, b = SentenceStore(tmp_path / "a.zarr"), SentenceStore(tmp_path / "b.zarr")
     np.testing.assert_array_equal(a.read_dense(0, a.n_cells), b.read_dense(0, b.n_cells))
     assert b.meta["coverage"]["by_overlap"] == Panel.load(small_panel).size
-    assert b.labels() is None
+    assert b.meta["labels"]["key"] == "cell_type"  # without -l: the panel's label column, found in the data
 
 
 def _tree(root: Path) -> list[str]:

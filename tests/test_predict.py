@@ -272,6 +272,7 @@ def test_missing_model_and_existing_output_are_refused(trained: dict, tmp_path: 
     result = run_cli("predict", "-m", str(tmp_path / "none"), "-s", str(trained["query"]), "-o", str(tmp_path / "p"))
     assert result.exit_code == 2 and "model.safetensors" in result.stderr
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "mine.txt").write_text("not empty")
     result = run_cli(
         "predict", "-m", str(trained["model"]), "-s", str(trained["query"]), "-o", str(tmp_path / "exists")
     )

@@ -224,8 +224,15 @@ def test_resume_without_an_interrupted_run_is_refused(stores: dict, tmp_path: Pa
 
 
 def test_unlabelled_store_is_refused(stores: dict, small_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import anndata as ad
+
+    data = ad.read_h5ad(small_pair[0])
+    del data.obs["cell_type"]  # no label column: encode keeps no labels
+    data.write_h5ad(tmp_path / "bare.h5ad")
     bare = tmp_path / "bare.zarr"
-    assert run_cli("encode", str(small_pair[0]), "-p", str(stores["panel"]), "-o", str(bare), "-q").exit_code == 0
+    assert (
+        run_cli("encode", str(tmp_path / "bare.h5ad"), "-p", str(stores["panel"]), "-o", str(bare), "-q").exit_code == 0
+    )
     result = run_cli("train", "-s", str(bare), "-p", str(stores["panel"]), "-o", str(tmp_path / "m"), *TINY_CLI)
     assert result.exit_code == 2 and "without labels" in result.stderr
     shutil.rmtree(bare)

@@ -30,9 +30,13 @@ Recipe = Annotated[
 
 @command
 def train_cmd(
-    sentences: Annotated[Path, typer.Option("--sentences", "-s", help="Labelled reference store from encode -l.")],
-    panel: Annotated[Path, typer.Option("--panel", "-p", help="The panel the store was encoded with.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")],
+    sentences: Annotated[Path, typer.Option("--sentences", "-s", help="Labelled reference store from encode.")],
+    panel: Annotated[
+        Path | None, typer.Option("--panel", "-p", help="The store's panel (default: the copy the store holds).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Model directory to write. Default: SENTENCES.model.")
+    ] = None,
     recipe: Recipe = "default",
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs; the learning rate reaches 0 at the last.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Cells per batch (per process under torchrun).")] = None,
@@ -178,11 +182,13 @@ def train_cmd(
             raise UserError(
                 "--resume cannot continue a self-training run (--adapt-to)", "run it again without --resume"
             )
+        from hitanno_cli import outputs
+
         self_train(
             sentences,
             query=adapt_to,
             panel=panel,
-            output=output,
+            output=outputs.default_output(sentences, ".model") if output is None else output,
             options=options,
             fraction=pseudo_label_fraction,
             device=device,
@@ -210,9 +216,13 @@ def train_cmd(
 def predict_cmd(
     model: Model,
     output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="Directory for predictions.csv, probabilities.zarr and embeddings.zarr."),
-    ],
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Directory for predictions.csv, probabilities.zarr and embeddings.zarr. Default: QUERY.predictions.",
+        ),
+    ] = None,
     sentences: Annotated[
         Path | None, typer.Option("--sentences", "-s", help="Query store encoded with the model's panel.")
     ] = None,
@@ -232,6 +242,14 @@ def predict_cmd(
         float, typer.Option(help="Refuse an h5ad holding less than this share of the panel's peaks.")
     ] = 0.5,
     layer: Annotated[str | None, typer.Option(help="Read h5ad counts from this layer instead of X.")] = None,
+    annotated_h5ad: Annotated[
+        Path | None,
+        typer.Option(
+            "--annotated-h5ad",
+            help="With --h5ad: also write a copy of the query with the results in obs, obsm and uns "
+            "(hitanno_label, hitanno_confidence, X_hitanno, …).",
+        ),
+    ] = None,
     device: Device = "auto",
     gpu: Gpu = None,
     overwrite: Overwrite = False,
@@ -240,7 +258,9 @@ def predict_cmd(
     """Annotate query cells with a trained model (streamed in batches)."""
     from hitanno_cli.prediction import predict
 
-    predict(
+    if annotated_h5ad is not None and h5ad is None:
+        raise UserError("--annotated-h5ad needs the query as --h5ad", "pass the query .h5ad with --h5ad")
+    written = predict(
         model,
         output=output,
         sentences=sentences,
@@ -254,6 +274,11 @@ def predict_cmd(
         gpu=gpu,
         overwrite=overwrite,
     )
+    if annotated_h5ad is not None:
+        from hitanno_cli.anndata_io import write_annotated_h5ad
+
+        write_annotated_h5ad(h5ad, predictions_dir=written, output=annotated_h5ad, overwrite=overwrite)
+        console.info(f"predict: annotated query → {annotated_h5ad}")
 
 
 @command

@@ -15,8 +15,15 @@ from hitanno_cli.selection import N_CANDIDATES
 @command
 def select_peaks_cmd(
     reference: Annotated[Path, typer.Argument(help="Labelled reference .h5ad (cells × peaks, raw counts).")],
-    label_key: Annotated[str, typer.Option("--label-key", "-l", help="obs column holding the cell type.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Panel file to write (JSON).")],
+    label_key: Annotated[
+        str | None,
+        typer.Option(
+            "--label-key", "-l", help="obs column of cell types. Default: the one named cell_type, celltype, label, …"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Panel file to write. Default: REFERENCE.panel.json.")
+    ] = None,
     peaks_per_type: Annotated[
         int | None,
         typer.Option(
@@ -37,6 +44,7 @@ def select_peaks_cmd(
     """Choose each cell type's marker peaks (TF-IDF, Welch t-test, rare types first)."""
     from hitanno_cli.selection import select_peaks
 
+    output = outputs.default_output(reference, ".panel.json") if output is None else output
     with outputs.writing(output, kind=artifacts.PANEL, overwrite=overwrite, inputs=[reference]):
         panel = select_peaks(
             reference,
@@ -55,9 +63,12 @@ def select_peaks_cmd(
 def encode_cmd(
     data: Annotated[Path, typer.Argument(help=".h5ad to encode (reference or query, raw counts).")],
     panel: Annotated[Path, typer.Option("--panel", "-p", help="Panel from select-peaks.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Sentence store to write (.zarr).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Sentence store to write. Default: DATA.zarr.")
+    ] = None,
     label_key: Annotated[
-        str | None, typer.Option("--label-key", "-l", help="obs column with labels to keep (optional).")
+        str | None,
+        typer.Option("--label-key", "-l", help="obs column with labels to keep. Default: the panel's, if present."),
     ] = None,
     min_coverage: Annotated[
         float, typer.Option(help="Refuse data holding less than this share of the panel's peaks.")

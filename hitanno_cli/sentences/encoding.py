@@ -80,19 +80,22 @@ def encode(
     data: str | Path,
     *,
     panel: str | Path,
-    output: str | Path,
+    output: str | Path | None = None,
     label_key: str | None = None,
     min_coverage: float = 0.5,
     shard: str | None = None,
     layer: str | None = None,
     overwrite: bool = False,
 ) -> Path | None:
-    """Write the cell sentences of ``data`` through the panel file ``panel`` to ``output``.
+    """Write the cell sentences of ``data`` through the panel file ``panel`` to ``output``
+    (default: beside the data, ``ref.h5ad`` → ``ref.zarr``). Without ``label_key`` the
+    labels of the panel's own label column are kept when the data has that column.
 
     Returns the store once it is complete; with a shard, None unless this process was
     the one that assembled it.
     """
-    data, out = Path(data), Path(output)
+    data = Path(data)
+    out = outputs.default_output(data, ".zarr") if output is None else Path(output)
     n_shards = parse_shard(shard)[1]
     with outputs.writing(out, kind=artifacts.SENTENCES, overwrite=overwrite, inputs=[data, panel], shared=n_shards > 1):
         return _encode(
@@ -126,6 +129,11 @@ def _encode(
         h5.check_not_empty()
         h5.unique_obs_names()  # ids identify cells in every later stage
         names = h5.unique_var_names()
+        if label_key is None:  # the labels of the panel's own label column, when the data has it
+            panel_key = loaded.header.get("params", {}).get("label_key")
+            if panel_key is not None and panel_key in h5.obs_columns():
+                label_key = panel_key
+                console.info(f"encode: keeping the labels of obs column '{label_key}' (the panel's)")
         if label_key is not None:
             h5.labels(label_key)  # refuse a missing key before any work
         match = match_panel(loaded, names, lambda: h5.var)
@@ -309,6 +317,7 @@ def _finalize(job: EncodeJob, h5: H5ad, group: zarr.Group, data_hash: str) -> No
         panel_hash=job.panel.content_hash,
         coverage={"found": match.found, "of": match.n_panel, "by_name": match.by_name, "by_overlap": match.by_overlap},
         label_key=job.label_key,
+        panel_text=job.panel.text(),
     )
     write_cells_and_attrs(group, identity, digests, h5.unique_obs_names(), labels)
     for name in ("plan.json", "shards", "digests", "finalizing", "failed"):

@@ -6,6 +6,7 @@ Layout (format ``hitanno.sentences``)::
     bits_sha256  uint8 [n_chunks, 32]: the SHA-256 of every chunk of ``bits``
     cell_ids     str [cells]
     labels       str [cells] ("" where missing), only when encoded with a label column
+    panel        str [1]: the panel the store was encoded through, as its file reads
     attrs["hitanno"]: header, content_hash, n_cells, cell_types, peaks_per_type,
                       panel_hash, coverage, labels, array_hashes, meta_hash
 
@@ -30,6 +31,7 @@ from zarr.codecs import ZstdCodec
 
 from hitanno_cli import artifacts
 from hitanno_cli.errors import UserError
+from hitanno_cli.panel import Panel
 from hitanno_cli.sentences.packing import OpenRows, unpack_open
 
 #: Target raw bytes per zarr chunk of packed states.
@@ -75,6 +77,7 @@ class StoreIdentity:
     panel_hash: str
     coverage: dict[str, Any]
     label_key: str | None
+    panel_text: str | None = None  # the panel file's text, kept in the store
 
 
 def write_cells_and_attrs(
@@ -92,6 +95,10 @@ def write_cells_and_attrs(
         labels_hash = artifacts.sha256_lines(labels)
         content.update(labels_hash.encode())
         label_info = {"key": identity.label_key, "missing": int((labels == "").sum())}
+    panel_hash = None
+    if identity.panel_text is not None:
+        artifacts.write_strings(group, "panel", np.array([identity.panel_text], dtype=object).astype(str))
+        panel_hash = artifacts.sha256_text(identity.panel_text)
     meta = {
         "header": identity.header,
         "content_hash": "sha256:" + content.hexdigest(),
@@ -101,7 +108,12 @@ def write_cells_and_attrs(
         "panel_hash": identity.panel_hash,
         "coverage": identity.coverage,
         "labels": label_info,
-        "array_hashes": {"bits_sha256": _sha256_bytes(digests), "cell_ids": ids_hash, "labels": labels_hash},
+        "array_hashes": {
+            "bits_sha256": _sha256_bytes(digests),
+            "cell_ids": ids_hash,
+            "labels": labels_hash,
+            "panel": panel_hash,
+        },
     }
     group.attrs["hitanno"] = {**meta, "meta_hash": artifacts.sha256_json(meta)}
 
@@ -150,6 +162,7 @@ def write_store(
             panel_hash=like.panel_hash,
             coverage=dict(like.meta.get("coverage", {})),
             label_key=(like.meta.get("labels") or {}).get("key"),
+            panel_text=like.panel_text(),
         )
         write_cells_and_attrs(group, identity, digests, ids, labels)
     return out
@@ -277,6 +290,29 @@ class SentenceStore:
             raise self.corrupted("labels has another length than the store")
         self._verify("labels", artifacts.sha256_lines(labels))
         return labels
+
+    def panel_text(self) -> str | None:
+        """The text of the panel file the store was encoded through (checked against its
+        hash); None for a store written before stores kept their panel."""
+        if not (self.meta.get("array_hashes") or {}).get("panel"):
+            return None
+        with self.reading("panel"):
+            text = str(self._group["panel"][0])
+        self._verify("panel", artifacts.sha256_text(text))
+        return text
+
+    def panel(self) -> Panel:
+        """The panel the store was encoded through, so that training needs no ``--panel``."""
+        text = self.panel_text()
+        if text is None:
+            raise UserError(
+                f"{self.path} does not hold its panel (it was encoded by an older hitanno)",
+                "pass --panel with the panel it was encoded through, or encode it again",
+            )
+        panel = Panel.parse(text, f"{self.path} (its panel)")
+        if panel.content_hash != self.panel_hash:
+            raise self.corrupted("its panel is not the one its attributes name")
+        return panel
 
     def read_packed(self, lo: int, hi: int) -> np.ndarray:
         """Packed states of cells ``[lo, hi)``; whole chunks read are checked by hash."""

@@ -32,8 +32,8 @@ class Interrupted(Exception):
 def train(
     sentences: str | Path,
     *,
-    panel: str | Path,
-    output: str | Path,
+    panel: str | Path | None = None,
+    output: str | Path | None = None,
     options: TrainOptions | None = None,
     device: str = "auto",
     gpu: int | None = None,
@@ -41,20 +41,22 @@ def train(
     overwrite: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Train a model on a labelled sentence store and write the model directory ``output``.
+    """Train a model on a labelled sentence store and write the model directory ``output``
+    (default: beside the store, ``ref.zarr`` → ``ref.model``).
 
+    ``panel`` is the store's own unless given (a given panel must be the store's).
     ``options`` default to the ``default`` recipe. ``on_batch(epoch, step)`` is called
     after every update (progress, or a test stopping the run). Raises :class:`Interrupted`
     after saving a resumable state when SIGINT or SIGTERM arrives.
     """
-    out = Path(output)
+    out = outputs.default_output(sentences, ".model") if output is None else Path(output)
     options = recipe_options("default") if options is None else options
     options.check()
     chosen = resolve_device(device, gpu)
     keep_freed_memory()
-    check_output(out, resume=resume, overwrite=overwrite, inputs=[sentences, panel])
+    check_output(out, resume=resume, overwrite=overwrite, inputs=[sentences] + ([panel] if panel else []))
     store = SentenceStore(sentences)
-    loaded_panel = Panel.load(panel)
+    loaded_panel = store.panel() if panel is None else Panel.load(panel)
     store.check_panel(loaded_panel.content_hash)
     # under torchrun only rank 0 writes, so only it holds the output's lock
     lock = outputs.output_lock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
