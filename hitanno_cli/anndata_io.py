@@ -12,7 +12,6 @@ id, whatever their order; predictions for other cells are refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +21,6 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
-import zarr
 
 from hitanno_cli import __version__, artifacts, outputs, predictions
 from hitanno_cli.errors import UserError
@@ -70,16 +68,7 @@ class PredictionResults:
     def _probabilities(self) -> tuple[np.ndarray, np.ndarray]:
         """Cell ids and the probability matrix of ``probabilities.zarr``, checked against their hashes."""
         store = self.directory / predictions.PROBABILITIES
-        try:
-            group = zarr.open_group(store, mode="r")
-            ids = group["cell_ids"][:].astype(object)
-            matrix = np.ascontiguousarray(group["probabilities"][:], dtype=np.float32)
-        except Exception:
-            raise UserError(f"{store} is damaged (cannot be read)", FIX_PREDICTIONS) from None
-        hashes = self.record["hashes"]
-        found = "sha256:" + hashlib.sha256(matrix).hexdigest()
-        if hashes and (hashes.get("probabilities") != found or hashes.get("cell_ids") != artifacts.sha256_lines(ids)):
-            raise UserError(f"{store} is corrupted or was edited: it does not match its hash", FIX_PREDICTIONS)
+        ids, matrix = predictions.read_array(self.directory, "probabilities")
         if matrix.shape != (len(ids), len(self.class_names)):
             raise UserError(f"{store} does not hold one probability per cell and class", FIX_PREDICTIONS)
         return ids, matrix

@@ -308,10 +308,25 @@ def write_json(path: str | Path, obj: Any, overwrite: bool = False, pretty: bool
     atomic_write_text(path, text + "\n", overwrite)
 
 
+def sealed(obj: dict[str, Any], key: str = "content_hash") -> dict[str, Any]:
+    """``obj`` with ``obj[key]`` = the hash of everything else in it (canonical JSON)."""
+    body = {name: value for name, value in obj.items() if name != key}
+    return {**body, key: sha256_json(body)}
+
+
+def seal_holds(obj: dict[str, Any], key: str = "content_hash") -> bool:
+    """Whether ``obj[key]`` is the hash of the rest of ``obj`` (see :func:`sealed`)."""
+    return obj.get(key) == sealed(obj, key)[key]
+
+
+def sha256_array(array: np.ndarray) -> str:
+    """Content hash of an array's bytes (C order)."""
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(array)).hexdigest()
+
+
 def write_verified_json(path: str | Path, obj: dict[str, Any]) -> None:
     """Write a JSON artifact with the hash of its content (``content_hash``), atomically."""
-    body = {key: value for key, value in obj.items() if key != "content_hash"}
-    write_json(path, {**body, "content_hash": sha256_json(body)}, overwrite=True)
+    write_json(path, sealed(obj), overwrite=True)
 
 
 def read_verified_json(path: str | Path, fmt: str, fix: str) -> dict[str, Any]:
@@ -321,8 +336,7 @@ def read_verified_json(path: str | Path, fmt: str, fix: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise UserError(f"{path} is corrupted or was edited (not a JSON object)", fix)
     header = check_header(obj.get("header"), fmt, path)
-    body = {key: value for key, value in obj.items() if key != "content_hash"}
-    if (is_hashed(header) or "content_hash" in obj) and obj.get("content_hash") != sha256_json(body):
+    if (is_hashed(header) or "content_hash" in obj) and not seal_holds(obj):
         raise UserError(f"{path} is corrupted or was edited: its content does not match its hash", fix)
     return obj
 

@@ -241,8 +241,7 @@ def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict[s
     with artifacts.atomic_dir(directory / RESUME, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"), metadata=metadata)
         artifacts.ordinary_mode(tmp / "state.safetensors", directory=False)
-        body = {**state, "tensors_hash": metadata["content_hash"]}
-        artifacts.write_json(tmp / "state.json", {**body, "content_hash": artifacts.sha256_json(body)})
+        artifacts.write_json(tmp / "state.json", artifacts.sealed({**state, "tensors_hash": metadata["content_hash"]}))
 
 
 def load_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -254,9 +253,9 @@ def load_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         )
     fix = "start over with --overwrite"
     state = artifacts.read_json(resume / "state.json", "resume state")
-    body = {key: value for key, value in state.items() if key != "content_hash"} if isinstance(state, dict) else None
-    if body is None or state.get("content_hash") != artifacts.sha256_json(body):
+    if not isinstance(state, dict) or not artifacts.seal_holds(state):
         raise UserError(f"{resume / 'state.json'} is corrupted or was edited: it does not match its hash", fix)
+    body = {key: value for key, value in state.items() if key != "content_hash"}
     tensors, metadata = load_verified(resume / "state.safetensors", "resume state", fix)
     if metadata["content_hash"] != body.pop("tensors_hash", None):
         raise UserError(f"{resume / 'state.safetensors'} is not the state {resume / 'state.json'} was saved with", fix)

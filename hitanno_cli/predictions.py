@@ -147,7 +147,7 @@ class PredictionsWriter:
             "cell_ids": self.ids_hash,
         }
         record = {"header": self.header, "class_names": self.class_names, "hashes": hashes}
-        self.probabilities.group.attrs["hitanno"] = {**record, "meta_hash": artifacts.sha256_json(record)}
+        self.probabilities.group.attrs["hitanno"] = artifacts.sealed(record, "meta_hash")
 
     def __enter__(self) -> PredictionsWriter:
         return self
@@ -226,9 +226,8 @@ def read_record(directory: Path) -> dict[str, Any] | None:
         raise
     except Exception:
         raise UserError(f"{store} is damaged (its attributes cannot be read)", fix) from None
-    body = {key: value for key, value in record.items() if key != "meta_hash"}
     hashed = artifacts.is_hashed(header) or "meta_hash" in record
-    if hashed and record.get("meta_hash") != artifacts.sha256_json(body):
+    if hashed and not artifacts.seal_holds(record, "meta_hash"):
         raise UserError(f"{store} is corrupted or was edited: its attributes do not match their hash", fix)
     if not hashed:  # written before predictions carried hashes
         record = {**record, "hashes": {}}
@@ -238,20 +237,29 @@ def read_record(directory: Path) -> dict[str, Any] | None:
 def read_embeddings(directory: Path, cell_ids: np.ndarray) -> np.ndarray | None:
     """The cell embeddings beside the predictions, row-aligned with ``cell_ids`` and checked
     against their hash; None if absent or for other cells."""
-    store = directory / EMBEDDINGS
-    if not (store / "zarr.json").is_file():
+    if not (directory / EMBEDDINGS / "zarr.json").is_file():
         return None
-    record = read_record(directory) or {"hashes": {}}
-    try:
-        group = zarr.open_group(store, mode="r")
-        ids = group["cell_ids"][:].astype(object)
-        embeddings = np.ascontiguousarray(group["embeddings"][:], dtype=np.float32)
-    except Exception:
-        raise UserError(f"{store} is damaged (cannot be read)", "run hitanno predict again") from None
-    expected = record["hashes"].get("embeddings")
-    found = "sha256:" + hashlib.sha256(embeddings).hexdigest()
-    if expected is not None and (expected != found or record["hashes"].get("cell_ids") != artifacts.sha256_lines(ids)):
-        raise UserError(f"{store} is corrupted or was edited: it does not match its hash", "run hitanno predict again")
+    ids, embeddings = read_array(directory, "embeddings")
     if len(ids) != len(cell_ids) or not np.array_equal(ids, cell_ids):
         return None
     return embeddings
+
+
+def read_array(directory: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(cell_ids, matrix)`` of ``probabilities`` or ``embeddings`` beside the predictions,
+    checked against the hashes the predictions record."""
+    store = directory / (PROBABILITIES if name == "probabilities" else EMBEDDINGS)
+    fix = "run hitanno predict again"
+    hashes = (read_record(directory) or {"hashes": {}})["hashes"]
+    try:
+        group = zarr.open_group(store, mode="r")
+        ids = group["cell_ids"][:].astype(object)
+        matrix = np.ascontiguousarray(group[name][:], dtype=np.float32)
+    except Exception:
+        raise UserError(f"{store} is damaged (cannot be read)", fix) from None
+    expected = hashes.get(name)
+    if expected is not None and (
+        expected != artifacts.sha256_array(matrix) or hashes.get("cell_ids") != artifacts.sha256_lines(ids)
+    ):
+        raise UserError(f"{store} is corrupted or was edited: it does not match its hash", fix)
+    return ids, matrix

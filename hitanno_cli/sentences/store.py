@@ -109,17 +109,13 @@ def write_cells_and_attrs(
         "coverage": identity.coverage,
         "labels": label_info,
         "array_hashes": {
-            "bits_sha256": _sha256_bytes(digests),
+            "bits_sha256": artifacts.sha256_array(digests),
             "cell_ids": ids_hash,
             "labels": labels_hash,
             "panel": panel_hash,
         },
     }
-    group.attrs["hitanno"] = {**meta, "meta_hash": artifacts.sha256_json(meta)}
-
-
-def _sha256_bytes(array: np.ndarray) -> str:
-    return "sha256:" + hashlib.sha256(np.ascontiguousarray(array)).hexdigest()
+    group.attrs["hitanno"] = artifacts.sealed(meta, "meta_hash")
 
 
 def write_store(
@@ -199,10 +195,8 @@ class SentenceStore:
             raise UserError(f"{self.path} is not a hitanno sentence store", "create it with hitanno encode") from None
         header = artifacts.check_header(meta.get("header"), artifacts.SENTENCES, self.path)
         self.hashed = artifacts.is_hashed(header) or "meta_hash" in meta
-        if self.hashed:
-            body = {key: value for key, value in meta.items() if key != "meta_hash"}
-            if meta.get("meta_hash") != artifacts.sha256_json(body):
-                raise self.corrupted("its attributes do not match their hash")
+        if self.hashed and not artifacts.seal_holds(meta, "meta_hash"):
+            raise self.corrupted("its attributes do not match their hash")
         self.meta = meta
         with self.reading("bits_sha256"):
             self._bits = self._group["bits"]
@@ -211,7 +205,7 @@ class SentenceStore:
             n_bytes = (self.n_positions + 7) // 8
             if self._bits.shape != (self.n_cells, n_bytes) or self._digests.shape != (n_chunks, 32):
                 raise self.corrupted("its arrays do not have the shapes its attributes give")
-        self._verify("bits_sha256", _sha256_bytes(self._digests))
+        self._verify("bits_sha256", artifacts.sha256_array(self._digests))
 
     def corrupted(self, why: str) -> UserError:
         """The error for a store that fails a check."""
