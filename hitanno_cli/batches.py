@@ -17,10 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hitanno_cli.sentences import OpenRows, SentenceStore
-
-#: Default bound on cells held in memory by the shuffle buffer (8 bytes per open peak:
-#: ~260 MB at 164 open peaks per cell).
-BUFFER_CELLS = 200_000
+from hitanno_cli.training.options import BUFFER_CELLS
 
 
 @dataclass

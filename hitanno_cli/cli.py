@@ -15,6 +15,7 @@ app = typer.Typer(
     "and cluster unlabelled cells with an attention autoencoder.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # chrom, then one of ``:`` ``_`` ``-``, start, then ``-`` or ``_``, end. The chromosome is
 # greedy, so the last two integer fields are start and end (``chrUn_KI270302v1_5_90``);
@@ -76,6 +79,8 @@ def peak_intervals(names: np.ndarray, var: pd.DataFrame | None = None) -> Interv
     """Coordinates of peaks from ``var`` columns chrom/start/end, else parsed from names."""
     n = len(names)
     if var is not None and {"chrom", "start", "end"} <= set(var.columns):
+        import pandas as pd  # loaded already with ``var``; not at import, for the command line's start-up
+
         chrom = var["chrom"].astype(object).to_numpy()
         start = pd.to_numeric(var["start"], errors="coerce").to_numpy()
         end = pd.to_numeric(var["end"], errors="coerce").to_numpy()

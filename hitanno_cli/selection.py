@@ -6,6 +6,9 @@ type, and ``P`` peaks per type assigned rarest type first, no peak in two sets.
 The reference is streamed twice in row chunks: pass 1 sums counts per cell and per
 peak (TF-IDF needs both totals), pass 2 accumulates per-type sums and sums of squares
 of the TF-IDF values. Memory is ``O(n_types × n_peaks)``, whatever the number of cells.
+
+The ``.h5ad`` reader (and with it anndata) is imported where a file is read, so that the
+command line can show this module's defaults without loading it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,10 +25,12 @@ import scipy.sparse as sp
 from hitanno_cli import artifacts, console
 from hitanno_cli.errors import UserError
 from hitanno_cli.genome import peak_intervals
-from hitanno_cli.h5ad import H5ad, check_counts
 from hitanno_cli.host import keep_freed_memory
 from hitanno_cli.panel import Panel, PeakSet
 from hitanno_cli.tfidf import tfidf_entries
+
+if TYPE_CHECKING:
+    from hitanno_cli.h5ad import H5ad
 
 #: The published code keeps this many best-ranked peaks per type as candidates.
 N_CANDIDATES = 6300
@@ -114,6 +120,8 @@ def reference_moments(h5: H5ad, codes: np.ndarray, n_types: int, chunk_rows: int
 
     A small reference (under :data:`CACHE_BYTES`) is read once and kept for pass 2.
     """
+    from hitanno_cli.h5ad import check_counts
+
     n_peaks = h5.n_vars
     keep = codes >= 0
     n_cells = int(keep.sum())
@@ -268,6 +276,8 @@ def select_peaks(
     ``label_key`` names the obs column of cell types; without it, the one column with a
     usual name (``cell_type``, ``celltype``, ``label``, …) is used.
     """
+    from hitanno_cli.h5ad import H5ad
+
     check_options(min_cells, n_candidates, peaks_per_type)
     keep_freed_memory()  # the chunk temporaries are reused, not page-faulted in afresh
     with artifacts.sha256_file_in_background(reference) as reference_hash, H5ad(reference, layer=layer) as h5:

@@ -15,8 +15,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from hitanno_cli.batches import BUFFER_CELLS
 from hitanno_cli.errors import UserError
+
+#: Default bound on cells held in memory by the shuffle buffer (8 bytes per open peak:
+#: ~260 MB at 164 open peaks per cell).
+BUFFER_CELLS = 200_000
 
 #: How training cells are drawn: each once per epoch (``uniform``), or with replacement at
 #: a rate per class ∝ 1/size (``balanced``) or 1/√size (``sqrt``), for rare types.
