@@ -6,14 +6,19 @@ class names and ``Unassigned``), ``obs["hitanno_confidence"]`` (its best probabi
 ``obs["hitanno_unassigned"]``; ``obsm["X_hitanno"]`` holds the cell embeddings (a
 representation for ``sc.pp.neighbors(use_rep=...)``), ``obsm["hitanno_probabilities"]``
 the probability matrix, and ``uns["hitanno"]`` the record of what made them (model hash,
-versions, ``min_confidence``, class names). The predictions are matched to the cells by
-id, whatever their order; predictions for other cells are refused.
+versions, ``min_confidence``, class names). After ``predict --majority-voting`` a cell also
+gets ``obs["hitanno_majority_voting"]`` (its over-cluster's label),
+``obs["hitanno_majority_confidence"]`` and ``obs["hitanno_over_clustering"]``. The
+predictions are matched to the cells by id, whatever their order; predictions for other
+cells are refused.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,9 @@ FIELDS = {
     "unassigned": "{key}_unassigned",
     "embedding": "X_{key}",
     "probabilities": "{key}_probabilities",
+    "majority_voting": "{key}_majority_voting",
+    "majority_confidence": "{key}_majority_confidence",
+    "over_clustering": "{key}_over_clustering",
 }
 FIX_PREDICTIONS = "pass the folder written by hitanno predict (run it again if it was changed)"
 
@@ -64,6 +72,9 @@ class PredictionResults:
         if embeddings is None:
             raise UserError(f"{self.directory}: the embeddings are for other cells", FIX_PREDICTIONS)
         self.embeddings = embeddings
+        self.majority = predictions.read_majority_voting(self.directory)
+        if self.majority is not None and not np.array_equal(self.majority.cell_ids, self.cell_ids):
+            raise UserError(f"{self.directory}: the majority voting is for other cells", FIX_PREDICTIONS)
 
     def _probabilities(self) -> tuple[np.ndarray, np.ndarray]:
         """Cell ids and the probability matrix of ``probabilities.zarr``, checked against their hashes."""
@@ -109,19 +120,21 @@ class PredictionResults:
 
 
 # -- the fields -------------------------------------------------------------------------------
-def add_predictions(
-    adata: ad.AnnData,
-    *,
-    predictions_dir: str | Path,
-    key_added: str = "hitanno",
-    source: str = "the AnnData",
-    extra: dict[str, Any] | None = None,
-) -> ad.AnnData:
-    """Add the results of ``predictions_dir`` to ``adata`` in place (see the module docstring)
-    and return it; ``extra`` goes into ``uns[key_added]`` too (e.g. the model's path)."""
+@dataclass
+class Fields:
+    """The obs columns, obsm matrices and uns record that annotate one set of cells."""
+
+    obs: dict[str, Any]
+    obsm: dict[str, np.ndarray]
+    uns: dict[str, Any]
+
+
+def annotation_fields(
+    results: PredictionResults, cell_ids: pd.Index, *, key_added: str, source: str, extra: dict[str, Any] | None
+) -> Fields:
+    """The fields for the cells ``cell_ids`` (in their order) from what ``predict`` wrote."""
     names = field_names(key_added)
-    results = PredictionResults(predictions_dir)
-    rows = results.order_for(pd.Index(adata.obs_names.astype(str)), source)
+    rows = results.order_for(cell_ids, source)
     probabilities = results.probabilities[rows]
     labels = results.labels[rows]
     categories = [
@@ -133,12 +146,51 @@ def add_predictions(
         raise UserError(
             f"{results.directory} labels cells '{sorted(unknown)[0]}', not one of its classes", FIX_PREDICTIONS
         )
-    adata.obs[names["label"]] = pd.Categorical(labels, categories=categories)
-    adata.obs[names["confidence"]] = probabilities.max(axis=1).astype(np.float64)
-    adata.obs[names["unassigned"]] = labels == predictions.UNASSIGNED
-    adata.obsm[names["embedding"]] = np.ascontiguousarray(results.embeddings[rows], dtype=np.float32)
-    adata.obsm[names["probabilities"]] = np.ascontiguousarray(probabilities, dtype=np.float32)
-    adata.uns[key_added] = {**results.uns_record(), **(extra or {}), "fields": names}
+    obs = {
+        names["label"]: pd.Categorical(labels, categories=categories),
+        names["confidence"]: probabilities.max(axis=1).astype(np.float64),
+        names["unassigned"]: labels == predictions.UNASSIGNED,
+    }
+    uns = {**results.uns_record(), **(extra or {})}
+    if results.majority is not None:
+        vote = results.majority
+        obs[names["majority_voting"]] = pd.Categorical(vote.labels[rows], categories=categories)
+        obs[names["majority_confidence"]] = vote.confidence[rows]
+        obs[names["over_clustering"]] = pd.Categorical(vote.clusters[rows].astype(str))
+        uns["majority_voting"] = dict(vote.summary)
+    else:
+        names = {field: name for field, name in names.items() if field not in MAJORITY_FIELDS}
+    obsm = {
+        names["embedding"]: np.ascontiguousarray(results.embeddings[rows], dtype=np.float32),
+        names["probabilities"]: np.ascontiguousarray(probabilities, dtype=np.float32),
+    }
+    return Fields(obs=obs, obsm=obsm, uns={**uns, "fields": names})
+
+
+#: The fields only ``predict --majority-voting`` fills.
+MAJORITY_FIELDS = ("majority_voting", "majority_confidence", "over_clustering")
+
+
+def add_predictions(
+    adata: ad.AnnData,
+    *,
+    predictions_dir: str | Path,
+    key_added: str = "hitanno",
+    source: str = "the AnnData",
+    extra: dict[str, Any] | None = None,
+) -> ad.AnnData:
+    """Add the results of ``predictions_dir`` to ``adata`` in place (see the module docstring)
+    and return it; ``extra`` goes into ``uns[key_added]`` too (e.g. the model's path)."""
+    field_names(key_added)
+    results = PredictionResults(predictions_dir)
+    fields = annotation_fields(
+        results, pd.Index(adata.obs_names.astype(str)), key_added=key_added, source=source, extra=extra
+    )
+    for name, values in fields.obs.items():
+        adata.obs[name] = values
+    for name, matrix in fields.obsm.items():
+        adata.obsm[name] = matrix
+    adata.uns[key_added] = fields.uns
     return adata
 
 
@@ -166,56 +218,62 @@ def write_annotated_h5ad(
 ) -> Path:
     """Write a copy of ``query_h5ad`` to ``output`` with the results of ``predictions_dir`` added.
 
-    The query is read whole into memory (``anndata.read_h5ad``) and never changed; the copy
-    is written under a temporary name beside ``output`` and renamed into place, with the
-    query's compression. ``overwrite`` replaces only an ``.h5ad`` this function wrote.
+    The query is never changed. It is copied byte for byte under a temporary name beside
+    ``output`` (so the copy keeps its matrices, layers and compression), only ``obs``,
+    ``obsm`` and ``uns`` of the copy are rewritten, and the copy is renamed into place:
+    memory is the size of ``obs`` and the added matrices, not of the counts. ``overwrite``
+    replaces only an ``.h5ad`` this function wrote.
     """
     query, out = Path(query_h5ad), Path(output)
     field_names(key_added)
     if out.suffix != ".h5ad":
         raise UserError(f"output {out} does not end in .h5ad", "name the annotated copy NAME.h5ad")
+    if not query.is_file():
+        raise UserError(f"{query} does not exist", "pass the query .h5ad the predictions were made from")
     kind = (lambda path: is_annotated_h5ad(path, key_added), f"hitanno-annotated .h5ad (with uns['{key_added}'])")
     with outputs.writing(out, kind=kind, overwrite=overwrite, inputs=[query, predictions_dir]) as final:
-        adata = read_h5ad(query)
-        add_predictions(adata, predictions_dir=predictions_dir, key_added=key_added, source=str(query))
-        write_h5ad_atomic(adata, final, compression=compression_of(query))
+        results = PredictionResults(predictions_dir)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp.h5ad", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            shutil.copyfile(query, tmp)
+            annotate_file(tmp, results, key_added=key_added, source=str(query))
+            artifacts.ordinary_mode(tmp, directory=False)
+            artifacts.replace_path(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 
-def read_h5ad(path: Path) -> ad.AnnData:
-    """The whole ``.h5ad`` in memory, refusing a file that is missing or not one."""
-    if not path.is_file():
-        raise UserError(f"{path} does not exist", "pass the query .h5ad the predictions were made from")
+def annotate_file(path: Path, results: PredictionResults, *, key_added: str, source: str) -> None:
+    """Add the fields to the ``.h5ad`` at ``path`` in place, rewriting only obs, obsm and uns."""
+    from anndata.io import read_elem, write_elem
+
     try:
-        return ad.read_h5ad(path)
-    except MemoryError:
+        with h5py.File(path, "r+") as handle:
+            obs = handle.get("obs")
+            if not isinstance(obs, h5py.Group):  # a pre-0.7 file: obs is one table, not one column per dataset
+                raise UserError(f"{source} is an .h5ad from before anndata 0.7", "re-save it with anndata.write_h5ad")
+            frame = read_elem(obs)
+            fields = annotation_fields(
+                results, pd.Index(frame.index.astype(str)), key_added=key_added, source=source, extra=None
+            )
+            for name, values in fields.obs.items():
+                frame[name] = values
+            del handle["obs"]
+            write_elem(handle, "obs", frame)
+            for group, entries in (("obsm", fields.obsm), ("uns", {key_added: fields.uns})):
+                if group not in handle:
+                    write_elem(handle, group, {})
+                for name, value in entries.items():
+                    if name in handle[group]:
+                        del handle[group][name]
+                    write_elem(handle[group], name, value)
+    except UserError:
         raise
     except Exception as err:
-        raise UserError(f"{path} cannot be read as an .h5ad ({type(err).__name__}: {err})", "check the file") from None
-
-
-def compression_of(path: Path) -> str | None:
-    """The compression of the matrix ``X`` in an ``.h5ad`` (gzip or lzf), so that a copy keeps it."""
-    try:
-        with h5py.File(path, "r") as handle:
-            node = handle.get("X")
-            data = node.get("data") if isinstance(node, h5py.Group) else node
-            found = data.compression if isinstance(data, h5py.Dataset) else None
-    except (OSError, ValueError):
-        return None
-    return found if found in ("gzip", "lzf") else None
-
-
-def write_h5ad_atomic(adata: ad.AnnData, path: Path, *, compression: str | None = None) -> None:
-    """Write ``adata`` under a temporary name beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.h5ad", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        adata.write_h5ad(tmp, compression=compression)
-        artifacts.ordinary_mode(tmp, directory=False)
-        artifacts.replace_path(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        problem = f"{source} cannot be annotated as an .h5ad ({type(err).__name__}: {err})"
+        raise UserError(problem, "check the file") from None

@@ -40,13 +40,16 @@ def annotate(
     key_added: str = "hitanno",
     copy: bool = True,
     layer: str | None = None,
+    majority_voting: bool = False,
+    over_clustering_resolution: float | None = None,
 ) -> ad.AnnData:
     """Annotate ``adata`` (raw counts in ``X``, or in ``layers[layer]``) with the model directory
     ``model`` and return it with the fields of :mod:`hitanno_cli.anndata_io` added.
 
     ``copy=True`` (the default) leaves ``adata`` as it was and returns an annotated copy;
     ``copy=False`` adds the fields to ``adata`` itself and returns it (a view then becomes
-    an AnnData of its own, anndata's rule: its parent is not annotated).
+    an AnnData of its own, anndata's rule: its parent is not annotated). ``majority_voting``
+    adds each over-cluster's label beside the cell's, as ``predict --majority-voting``.
     """
     from hitanno_cli.prediction import predict
 
@@ -63,6 +66,8 @@ def annotate(
                 output=Path(tmp) / "predictions",
                 min_confidence=min_confidence,
                 batch_size=batch_size,
+                majority_voting=majority_voting,
+                over_clustering_resolution=over_clustering_resolution,
                 device=device,
                 gpu=gpu,
             )

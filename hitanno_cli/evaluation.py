@@ -4,7 +4,8 @@ Cells whose true type the reference never had ("unseen") and cells left ``Unassi
 are reported apart: neither silently counts as an error of a known type. The headline
 metrics score the cells that have a known true type and an assigned prediction;
 ``accuracy_including_unassigned`` also counts ``Unassigned`` cells of known types as
-wrong, for a coverage-aware figure.
+wrong, for a coverage-aware figure. Predictions made with ``--majority-voting`` are also
+scored by their majority labels, under ``majority_voting`` (the same headline metrics).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sklearn.metrics import (
 
 from hitanno_cli import artifacts, outputs
 from hitanno_cli.errors import UserError
-from hitanno_cli.predictions import UNASSIGNED, read_embeddings, read_predictions
+from hitanno_cli.predictions import MAJORITY, UNASSIGNED, read_embeddings, read_majority_voting, read_predictions
 
 #: The metrics a summary shows first.
 HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_unassigned")
@@ -155,6 +156,13 @@ def _evaluate(
     truth_aligned = align_truth(preds.cell_ids, truth_ids, truth_labels)
     metrics = score(truth_aligned, preds.predicted, preds.class_names)
     inputs = {"predictions": artifacts.sha256_file(predictions), "truth": _identity(truth)}
+    vote = read_majority_voting(preds.directory)
+    if vote is not None:
+        if not np.array_equal(vote.cell_ids, preds.cell_ids):
+            raise UserError(f"{preds.directory}: the majority voting is for other cells", "run hitanno predict again")
+        voted = score(truth_aligned, vote.labels, preds.class_names)
+        metrics["majority_voting"] = {**{key: voted[key] for key in HEADLINE}, **vote.summary}
+        inputs["majority_voting"] = artifacts.sha256_file(preds.directory / MAJORITY)
     metrics = {"header": artifacts.make_header(artifacts.EVALUATION, {"label_key": label_key}, inputs), **metrics}
     with artifacts.atomic_dir(out, overwrite=True) as tmp:
         images = []

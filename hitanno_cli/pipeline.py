@@ -1,9 +1,10 @@
 """``hitanno run``: the whole pipeline, cached like make.
 
 Stages run in order — select-peaks, encode the reference, encode the query, train,
-predict, evaluate (when the query has labels) — each writing one artifact into the
-output folder. A stage's *fingerprint* hashes its parameters, the content of the input
-files it reads and the fingerprints of the stages it depends on. ``run.json`` records
+predict, annotate (a copy of the query ``.h5ad`` with the results added), evaluate (when
+the query has labels) — each writing one artifact into the output folder. A stage's
+*fingerprint* hashes its parameters, the content of the input files it reads and the
+fingerprints of the stages it depends on. ``run.json`` records
 each stage's fingerprint and what happened to it; a stage whose artifact exists and
 whose fingerprint is unchanged is skipped, so changing a parameter reruns exactly the
 stages downstream of it. ``--from STAGE`` forces that stage and everything after it.
@@ -21,7 +22,7 @@ from typing import Any
 from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.errors import UserError
 
-STAGES = ("select-peaks", "encode-reference", "encode-query", "train", "predict", "evaluate")
+STAGES = ("select-peaks", "encode-reference", "encode-query", "train", "predict", "annotate", "evaluate")
 MANIFEST = "run.json"
 
 
@@ -50,6 +51,9 @@ class RunSettings:
     gpu: int | None = None
     train: Any = None  # training.TrainOptions
     pseudo_label_fraction: float | None = None  # self-train on the query (train --adapt-to) when set
+    majority_voting: bool = False
+    over_clustering_resolution: float | None = None
+    annotated_h5ad: bool = True  # write the annotated copy of the query
 
 
 #: What each stage writes, inside the run's folder.
@@ -59,6 +63,7 @@ OUTPUTS = {
     "encode-query": "query.zarr",
     "train": "model",
     "predict": "predictions",
+    "annotate": "annotated.h5ad",
     "evaluate": "report",
 }
 
@@ -66,6 +71,7 @@ OUTPUTS = {
 def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSettings) -> list[Stage]:
     """The stages of a run, in order (evaluate only when the query carries labels)."""
     from hitanno_cli import predictions as predictions_format
+    from hitanno_cli.anndata_io import write_annotated_h5ad
     from hitanno_cli.evaluation import evaluate
     from hitanno_cli.h5ad import H5ad
     from hitanno_cli.prediction import predict
@@ -78,6 +84,9 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
     path = {stage: out / name for stage, name in OUTPUTS.items()}
     panel, ref_zarr, query_zarr = path["select-peaks"], path["encode-reference"], path["encode-query"]
     model, predictions, report = path["train"], path["predict"], path["evaluate"]
+    voting = {"majority_voting": settings.majority_voting, "over_clustering_resolution": None}
+    if settings.majority_voting:
+        voting["over_clustering_resolution"] = settings.over_clustering_resolution
     options = settings.train or TrainOptions()
     device = {"device": settings.device, "gpu": settings.gpu}
     select = {
@@ -115,7 +124,7 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
         Stage(
             "predict",
             predictions,
-            {"min_confidence": settings.min_confidence},
+            {"min_confidence": settings.min_confidence, **voting},
             ["train", "encode-query"],
             make=lambda: predict(
                 model,
@@ -123,10 +132,23 @@ def plan(ref: Path, query: Path, label_key: str, out: Path, settings: RunSetting
                 sentences=query_zarr,
                 min_confidence=settings.min_confidence,
                 overwrite=True,
+                **voting,
                 **device,
             ),
         ),
     ]
+    if settings.annotated_h5ad:
+        annotated = path["annotate"]
+        stages.append(
+            Stage(
+                "annotate",
+                annotated,
+                {},
+                ["predict"],
+                files=[query],
+                make=lambda: write_annotated_h5ad(query, predictions_dir=predictions, output=annotated, overwrite=True),
+            )
+        )
     if query_labelled:
         stages.append(
             Stage(
@@ -264,6 +286,10 @@ def _run(
     prints = fingerprints(stages)
     manifest = _read_manifest(out)
     forced = STAGES[STAGES.index(from_stage) :] if from_stage else ()
+    planned = {stage.name for stage in stages}
+    for name, previous in manifest["stages"].items():  # e.g. annotate after --no-annotated-h5ad
+        if name not in planned:
+            manifest["stages"][name] = {**previous, "status": "skipped"}
     for stage in stages:
         previous = manifest["stages"].get(stage.name, {})
         fresh = stage.output.exists() and previous.get("fingerprint") == prints[stage.name]

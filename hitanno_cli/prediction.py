@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,13 +114,19 @@ def predict(
     batch_size: int = 256,
     min_coverage: float = 0.5,
     layer: str | None = None,
+    majority_voting: bool = False,
+    over_clustering_resolution: float | None = None,
     device: str = "auto",
     gpu: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Annotate the cells of a sentence store or an ``.h5ad`` with the model directory
     ``model``; write the predictions directory ``output`` (default: beside the query,
-    ``query.zarr`` → ``query.predictions``)."""
+    ``query.zarr`` → ``query.predictions``).
+
+    ``majority_voting`` also over-clusters the query on its cell embeddings and gives each
+    cluster its most common label (:mod:`hitanno_cli.majority`), written beside the per-cell
+    labels; ``over_clustering_resolution`` None takes the cell-count rule."""
     if (sentences is None) == (h5ad is None):
         raise UserError("pass exactly one query", "use --sentences STORE.zarr or --h5ad DATA.h5ad")
     if not 0.0 <= min_confidence <= 1.0:
@@ -128,6 +135,12 @@ def predict(
         raise UserError("--batch-size must be at least 1", "e.g. --batch-size 256")
     if not 0.0 <= min_coverage <= 1.0:  # also refuses nan
         raise UserError(f"--min-coverage {min_coverage} is not a share of the panel", "use a value in [0, 1]")
+    if over_clustering_resolution is not None and not over_clustering_resolution > 0:
+        raise UserError(
+            f"--over-clustering-resolution {over_clustering_resolution:g} must be positive",
+            "pass e.g. 5, or leave it out for the cell-count rule",
+        )
+    voting = VotingSettings(over_clustering_resolution) if majority_voting else None
     query_path = Path(sentences if sentences is not None else h5ad)
     output = outputs.default_output(query_path, ".predictions") if output is None else output
     with outputs.writing(output, kind=artifacts.PREDICTIONS, overwrite=overwrite, inputs=[model, query_path]) as out:
@@ -141,8 +154,22 @@ def predict(
             batch_size=batch_size,
             min_coverage=min_coverage,
             layer=layer,
+            voting=voting,
             device=resolve_device(device, gpu),
         )
+
+
+@dataclass(frozen=True)
+class VotingSettings:
+    """How ``--majority-voting`` over-clusters the query (None resolution: the cell-count rule)."""
+
+    resolution: float | None = None
+    n_neighbors: int = 15
+    seed: int = 0
+
+    def params(self) -> dict[str, Any]:
+        """The settings as the predictions header records them."""
+        return {"resolution": self.resolution, "n_neighbors": self.n_neighbors, "seed": self.seed}
 
 
 def _predict(
@@ -156,6 +183,7 @@ def _predict(
     batch_size: int,
     min_coverage: float,
     layer: str | None,
+    voting: VotingSettings | None,
     device: torch.device,
 ) -> Path:
     chosen = device
@@ -169,9 +197,17 @@ def _predict(
         )
     if query.n_cells == 0:
         raise UserError(f"{query_path} has no cells", "pass a query with at least one cell")
+    if voting is not None and query.n_cells < voting.n_neighbors:
+        raise UserError(
+            f"--majority-voting needs at least {voting.n_neighbors} cells; {query_path} has {query.n_cells}",
+            "leave out --majority-voting for so small a query",
+        )
     note_adaptation(model, query)
+    params = {"min_confidence": min_confidence, "majority_voting": None if voting is None else voting.params()}
     with artifacts.atomic_dir(out, overwrite=True) as tmp:
-        counts = write_predictions(tmp, loaded, query, chosen, min_confidence)
+        counts = write_predictions(tmp, loaded, query, chosen, params)
+        if voting is not None:
+            vote(tmp, voting)
     assigned = query.n_cells - counts[predictions.UNASSIGNED]
     console.info(f"predict: {query.n_cells} cells annotated ({assigned} assigned) → {out}")
     return out
@@ -189,12 +225,42 @@ def note_adaptation(model_dir: Path, query: Query) -> None:
         console.warn(message + ", not on this one: its predictions here are a model adapted to other cells")
 
 
+def vote(directory: Path, settings: VotingSettings) -> None:
+    """Majority voting over the cell embeddings just written to ``directory``, added to it."""
+    from hitanno_cli.majority import majority_vote
+
+    ids, embeddings = predictions.read_array(directory, "embeddings")
+    labels = predictions.read_predictions(directory / predictions.CSV).predicted
+    with console.progress("predict: majority voting (kNN graph, Leiden)", None, unit=""):
+        result = majority_vote(
+            embeddings,
+            labels,
+            n_neighbors=settings.n_neighbors,
+            resolution=settings.resolution,
+            seed=settings.seed,
+        )
+    predictions.add_majority_voting(
+        directory,
+        cell_ids=ids,
+        clusters=result.clusters,
+        labels=result.labels,
+        confidence=result.confidence,
+        summary={"resolution": result.resolution, "n_clusters": result.n_clusters},
+    )
+    changed = int((result.labels != labels).sum())
+    console.info(
+        f"predict: majority voting over {result.n_clusters} clusters (resolution {result.resolution:g}) "
+        f"relabels {changed} of {len(labels)} cells"
+    )
+
+
 def write_predictions(
-    tmp: Path, loaded: LoadedModel, query: Query, device: torch.device, min_confidence: float
+    tmp: Path, loaded: LoadedModel, query: Query, device: torch.device, params: dict[str, Any]
 ) -> dict[str, int]:
     """Stream the query through the model into the predictions directory; count labels given."""
     inputs = {"model": loaded.content_hash, "query": query.content_hash}
-    header = artifacts.make_header(artifacts.PREDICTIONS, {"min_confidence": min_confidence}, inputs)
+    min_confidence = params["min_confidence"]
+    header = artifacts.make_header(artifacts.PREDICTIONS, params, inputs)
     with (
         predictions.PredictionsWriter(
             tmp,

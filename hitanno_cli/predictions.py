@@ -6,7 +6,10 @@ One directory, written atomically:
   query has labels); ``Unassigned`` where the probability is below ``--min-confidence``;
 * ``probabilities.zarr`` — the ``[cells, n_types]`` probability matrix (float32), with the
   class names in its attributes;
-* ``embeddings.zarr`` — the ``[cells, embed_dim]`` cell embeddings (float32).
+* ``embeddings.zarr`` — the ``[cells, embed_dim]`` cell embeddings (float32);
+* ``majority_voting.csv`` (with ``predict --majority-voting``) — ``cell_id,
+  over_clustering, majority_voting, majority_confidence``: each cell's over-cluster, that
+  cluster's most common predicted label and the share of its cells that agree.
 
 Both zarr groups hold ``cell_ids`` and the format header in their attributes. Those of
 ``probabilities.zarr`` also hold the hashes of the table, both arrays and the ids, and a
@@ -30,6 +33,7 @@ from hitanno_cli.errors import UserError
 CSV = "predictions.csv"
 PROBABILITIES = "probabilities.zarr"
 EMBEDDINGS = "embeddings.zarr"
+MAJORITY = "majority_voting.csv"
 #: The label given to cells below ``--min-confidence``.
 UNASSIGNED = artifacts.UNASSIGNED
 #: Rows per chunk of the probability and embedding arrays.
@@ -159,6 +163,32 @@ class PredictionsWriter:
             self._handle.close()
 
 
+def add_majority_voting(
+    directory: Path,
+    *,
+    cell_ids: np.ndarray,
+    clusters: np.ndarray,
+    labels: np.ndarray,
+    confidence: np.ndarray,
+    summary: dict[str, Any],
+) -> None:
+    """Add majority voting's table to a predictions folder being written (its per-cell
+    labels stay as they are) and record the table's hash and ``summary`` with the others."""
+    record = read_record(directory)
+    if record is None:
+        raise UserError(f"{directory} is not a predictions folder", "run hitanno predict first")
+    path = directory / MAJORITY
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["cell_id", "over_clustering", "majority_voting", "majority_confidence"])
+        for row in zip(cell_ids, clusters, labels, confidence, strict=True):
+            writer.writerow([row[0], int(row[1]), row[2], f"{row[3]:.6g}"])
+    record = {key: value for key, value in record.items() if key != "meta_hash"}
+    record["hashes"] = {**record["hashes"], MAJORITY: artifacts.sha256_file(path)}
+    record["majority_voting"] = summary
+    zarr.open_group(directory / PROBABILITIES, mode="r+").attrs["hitanno"] = artifacts.sealed(record, "meta_hash")
+
+
 # -- reading -----------------------------------------------------------------------------
 @dataclass
 class Predictions:
@@ -263,3 +293,36 @@ def read_array(directory: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     ):
         raise UserError(f"{store} is corrupted or was edited: it does not match its hash", fix)
     return ids, matrix
+
+
+@dataclass
+class MajorityVoting:
+    """What ``predict --majority-voting`` added: per cell, its over-cluster and that cluster's label."""
+
+    cell_ids: np.ndarray
+    clusters: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    summary: dict[str, Any]
+
+
+def read_majority_voting(directory: Path) -> MajorityVoting | None:
+    """The majority-voting table of a predictions folder, checked against its hash; None
+    when ``predict`` ran without ``--majority-voting``."""
+    record = read_record(directory)
+    path = directory / MAJORITY
+    if record is None or MAJORITY not in record["hashes"]:
+        if path.exists():
+            raise UserError(f"{path} is not recorded by its predictions (added by hand?)", "run hitanno predict again")
+        return None
+    if not path.is_file() or record["hashes"][MAJORITY] != artifacts.sha256_file(path):
+        raise UserError(f"{path} is missing, corrupted or was edited", "run hitanno predict --majority-voting again")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return MajorityVoting(
+        cell_ids=np.array([r["cell_id"] for r in rows], dtype=object),
+        clusters=np.array([int(r["over_clustering"]) for r in rows], dtype=np.int64),
+        labels=np.array([r["majority_voting"] for r in rows], dtype=object),
+        confidence=np.array([float(r["majority_confidence"]) for r in rows]),
+        summary=dict(record["majority_voting"]),
+    )

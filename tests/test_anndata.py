@@ -3,17 +3,22 @@ and the result used by scanpy."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from hitanno_cli import artifacts
 from hitanno_cli.anndata_io import write_annotated_h5ad
 from hitanno_cli.annotate import annotate, fit
 from hitanno_cli.errors import UserError
+from hitanno_cli.evaluation import evaluate
 from hitanno_cli.prediction import predict
+from hitanno_cli.predictions import read_majority_voting, read_predictions, read_record
 from hitanno_cli.training import recipe_options
 
 TINY = {"embed_dim": 16, "level1_heads": 2, "level1_ff": 16, "level2_heads": 2, "level2_ff": 16, "head_hidden": 8}
@@ -180,3 +185,85 @@ def test_scanpy_draws_a_umap_of_the_embedding(predicted: Path, small_pair: tuple
     plt.savefig(tmp_path / "umap.png")
     plt.close("all")
     assert (tmp_path / "umap.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def voted(model: Path, small_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The predictions of the query with majority voting, at a resolution that gives several clusters."""
+    out = tmp_path_factory.mktemp("voted") / "pred"
+    return predict(model, h5ad=small_pair[1], output=out, device="cpu", majority_voting=True)
+
+
+def test_majority_voting_is_written_beside_the_per_cell_labels(predicted: Path, voted: Path) -> None:
+    plain, table = read_predictions(predicted / "predictions.csv"), read_predictions(voted / "predictions.csv")
+    np.testing.assert_array_equal(table.predicted, plain.predicted)  # the per-cell labels are kept
+    vote = read_majority_voting(voted)
+    assert vote is not None and read_majority_voting(predicted) is None
+    np.testing.assert_array_equal(vote.cell_ids, table.cell_ids)
+    assert vote.summary["resolution"] == 5.0 and vote.summary["n_clusters"] == vote.clusters.max() + 1
+    for cluster in range(vote.summary["n_clusters"]):
+        members = vote.clusters == cluster
+        names, counts = np.unique(table.predicted[members], return_counts=True)
+        assert set(vote.labels[members]) == {names[counts.argmax()]}  # the cluster's most common label
+        assert np.allclose(vote.confidence[members], counts.max() / members.sum(), atol=1e-5)
+    header = read_record(voted)["header"]
+    assert header["params"]["majority_voting"] == {"resolution": None, "n_neighbors": 15, "seed": 0}
+
+
+def test_majority_voting_reaches_anndata_and_evaluate(voted: Path, small_pair: tuple[Path, Path], tmp_path: Path):
+    written = ad.read_h5ad(write_annotated_h5ad(small_pair[1], predictions_dir=voted, output=tmp_path / "a.h5ad"))
+    vote = read_majority_voting(voted)
+    labels = written.obs["hitanno_majority_voting"]
+    assert labels.dtype == "category" and list(labels.astype(str)) == list(vote.labels)
+    assert written.obs["hitanno_over_clustering"].nunique() == vote.summary["n_clusters"]
+    assert written.uns["hitanno"]["majority_voting"]["n_clusters"] == vote.summary["n_clusters"]
+    report = tmp_path / "report"
+    metrics = evaluate(voted / "predictions.csv", truth=small_pair[1], output=report, label_key="cell_type")
+    truth = ad.read_h5ad(small_pair[1]).obs["cell_type"].astype(str).to_numpy()
+    assert metrics["majority_voting"]["accuracy"] == pytest.approx((vote.labels == truth).mean())
+    assert metrics["header"]["inputs"]["majority_voting"].startswith("sha256:")
+
+
+def test_an_edited_majority_table_is_refused(voted: Path, small_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "pred"
+    shutil.copytree(voted, copy)
+    table = copy / "majority_voting.csv"
+    table.write_text(table.read_text().replace(",0,", ",1,", 1))
+    with pytest.raises(UserError, match="majority_voting.csv is missing, corrupted or was edited"):
+        write_annotated_h5ad(small_pair[1], predictions_dir=copy, output=tmp_path / "a.h5ad")
+    table.unlink()
+    with pytest.raises(UserError, match="missing, corrupted or was edited"):
+        read_majority_voting(copy)
+    assert not (tmp_path / "a.h5ad").exists()
+
+
+def test_predict_majority_voting_refuses_bad_settings(model: Path, small_pair: tuple[Path, Path], tmp_path: Path):
+    result = run_cli(
+        "predict", "-m", str(model), "--h5ad", str(small_pair[1]), "-o", str(tmp_path / "p"),
+        "--majority-voting", "--over-clustering-resolution", "0", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--over-clustering-resolution 0 must be positive" in result.stderr
+    few = ad.read_h5ad(small_pair[1])[:10].copy()
+    few.write_h5ad(tmp_path / "few.h5ad")
+    result = run_cli("predict", "-m", str(model), "--h5ad", str(tmp_path / "few.h5ad"), "--majority-voting", "-q")
+    assert result.exit_code == 2 and "needs at least 15 cells" in result.stderr
+    assert not (tmp_path / "p").exists() and not (tmp_path / "few.predictions").exists()
+
+
+def test_the_annotated_copy_keeps_the_query_and_can_be_annotated_again(
+    predicted: Path, voted: Path, small_pair: tuple[Path, Path], tmp_path: Path
+):
+    query = ad.read_h5ad(small_pair[1])
+    query.layers["counts"] = query.X.copy()
+    query.obsm["X_pca"] = np.ones((query.n_obs, 3), dtype=np.float32)
+    query.write_h5ad(tmp_path / "query.h5ad", compression="gzip")
+    first = write_annotated_h5ad(tmp_path / "query.h5ad", predictions_dir=voted, output=tmp_path / "a.h5ad")
+    with h5py.File(first) as handle:
+        assert handle["X/data"].compression == "gzip"  # the counts are copied, not rewritten
+    again = write_annotated_h5ad(first, predictions_dir=predicted, output=tmp_path / "b.h5ad")
+    written = ad.read_h5ad(again)
+    assert (written.X != query.X).nnz == 0 and (written.layers["counts"] != query.X).nnz == 0
+    np.testing.assert_array_equal(written.obsm["X_pca"], query.obsm["X_pca"])
+    check_fields(written, query.n_obs)
+    assert "majority_voting" not in written.uns["hitanno"]  # the second predictions had none
+    assert written.obs.columns.is_unique

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import pytest
 from conftest import run_cli
 
@@ -45,9 +46,11 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
     base = ["run", "--ref", str(ref), "--query", str(query), "-l", "cell_type", "-o", str(out), "-q", *TINY]
     result = run_cli(*base)
     assert result.exit_code == 0, result.stderr
-    assert set(_stages(out).values()) == {"ran"} and len(_stages(out)) == 6
+    assert set(_stages(out).values()) == {"ran"} and len(_stages(out)) == 7
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert metrics["n_scored"] == 250
+    assert metrics["n_scored"] == 250 and "majority_voting" not in metrics
+    annotated = ad.read_h5ad(out / "annotated.h5ad")
+    assert annotated.n_obs == 250 and "hitanno_label" in annotated.obs and "X_hitanno" in annotated.obsm
     first_train = json.loads((out / "run.json").read_text())["stages"]["train"]["finished"]
 
     assert run_cli(*base).exit_code == 0
@@ -61,24 +64,36 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
         "encode-query": "cached",
         "train": "cached",
         "predict": "ran",
+        "annotate": "ran",
         "evaluate": "ran",
     }
     n_unassigned = (out / "predictions" / "predictions.csv").read_text().count(",Unassigned,")
     assert json.loads((out / "report" / "metrics.json").read_text())["unassigned"]["n"] == n_unassigned
 
     assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2").exit_code == 0
-    assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "evaluate"]
+    assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "annotate", "evaluate"]
 
     assert (
         run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--from", "encode-query").exit_code
         == 0
     )
-    assert [n for n, s in _stages(out).items() if s == "ran"] == ["encode-query", "train", "predict", "evaluate"]
+    ran = [n for n, s in _stages(out).items() if s == "ran"]
+    assert ran == ["encode-query", "train", "predict", "annotate", "evaluate"]
 
     # self-training on the query retrains (now downstream of the query's store too) and predicts anew
     assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--self-train").exit_code == 0
-    assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "evaluate"]
+    assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "annotate", "evaluate"]
     assert (out / "model" / "adaptation.json").is_file()
+
+    # majority voting is a predict setting: it reruns predict and what follows, nothing before
+    voted = [*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--self-train", "--majority-voting"]
+    assert run_cli(*voted).exit_code == 0
+    assert [n for n, s in _stages(out).items() if s == "ran"] == ["predict", "annotate", "evaluate"]
+    assert "majority_voting" in json.loads((out / "report" / "metrics.json").read_text())
+    assert "hitanno_majority_voting" in ad.read_h5ad(out / "annotated.h5ad").obs
+    assert run_cli(*voted, "--no-annotated-h5ad").exit_code == 0
+    assert _stages(out).pop("annotate") == "skipped"  # its file is from the run before
+    assert set(_stages(out).values()) - {"skipped"} == {"cached"}
 
     bad = run_cli(*base, "--from", "nonsense")
     assert bad.exit_code == 2 and "is not a stage" in bad.stderr

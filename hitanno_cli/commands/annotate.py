@@ -15,6 +15,21 @@ from hitanno_cli.training.options import PSEUDO_LABEL_FRACTION
 Device = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu or cuda:N.")]
 Gpu = Annotated[int | None, typer.Option("--gpu", help="Shorthand for --device cuda:N.")]
 Model = Annotated[Path, typer.Option("--model", "-m", help="Model directory written by hitanno train.")]
+MajorityVoting = Annotated[
+    bool,
+    typer.Option(
+        "--majority-voting",
+        help="Also over-cluster the query (Leiden on a kNN graph of the cell embeddings) and give each "
+        "cluster its most common label, written beside the per-cell labels (majority_voting.csv).",
+    ),
+]
+OverClusteringResolution = Annotated[
+    float | None,
+    typer.Option(
+        help="Leiden resolution of --majority-voting's over-clustering. Default: by cell count "
+        "(5 below 5 000 cells, up to 30 from 200 000).",
+    ),
+]
 
 
 Recipe = Annotated[
@@ -250,6 +265,8 @@ def predict_cmd(
             "(hitanno_label, hitanno_confidence, X_hitanno, …).",
         ),
     ] = None,
+    majority_voting: MajorityVoting = False,
+    over_clustering_resolution: OverClusteringResolution = None,
     device: Device = "auto",
     gpu: Gpu = None,
     overwrite: Overwrite = False,
@@ -270,6 +287,8 @@ def predict_cmd(
         batch_size=batch_size,
         min_coverage=min_coverage,
         layer=layer,
+        majority_voting=majority_voting,
+        over_clustering_resolution=over_clustering_resolution,
         device=device,
         gpu=gpu,
         overwrite=overwrite,

@@ -24,6 +24,10 @@ def print_summary(metrics: dict[str, Any], out: Path) -> None:
     table.add_row("cells scored", f"{metrics['n_scored']} / {metrics['n_cells']}")
     table.add_row("unseen-type cells", str(metrics["unseen_types"]["n"]))
     table.add_row("unassigned cells", str(metrics["unassigned"]["n"]))
+    voted = metrics.get("majority_voting")
+    if voted is not None:
+        for key in ("accuracy", "macro_f1"):
+            table.add_row(f"{key}, majority voting", "n/a" if voted[key] is None else f"{voted[key]:.4f}")
     if not console.is_quiet():
         console.stderr.print(table)
     console.info(f"evaluate: report → {out / 'report.html'}")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from hitanno_cli import artifacts, console
+from hitanno_cli.commands.annotate import MajorityVoting, OverClusteringResolution
 from hitanno_cli.commands.common import Quiet, command, split_list
 from hitanno_cli.pipeline import OUTPUTS, STAGES, RunSettings, run
 from hitanno_cli.training.options import PSEUDO_LABEL_FRACTION
@@ -49,11 +50,20 @@ def run_cmd(
         typer.Option(help="With --self-train: share of each predicted type's query cells that are pseudo-labelled."),
     ] = PSEUDO_LABEL_FRACTION,
     min_confidence: Annotated[float, typer.Option(help="Unassigned below this probability.")] = 0.0,
+    majority_voting: MajorityVoting = False,
+    over_clustering_resolution: OverClusteringResolution = None,
+    annotated_h5ad: Annotated[
+        bool,
+        typer.Option(
+            "--annotated-h5ad/--no-annotated-h5ad",
+            help="Write annotated.h5ad: a copy of the query with the results in obs, obsm and uns.",
+        ),
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
     gpu: Annotated[int | None, typer.Option(help="Shorthand for --device cuda:N.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Run select-peaks → encode → train → predict → evaluate, skipping up-to-date stages."""
+    """Run select-peaks → encode → train → predict → annotate → evaluate, skipping up-to-date stages."""
     from hitanno_cli.training import options_with_assignments
 
     named = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "class_weight": class_weight, "seed": seed}
@@ -68,10 +78,15 @@ def run_cmd(
         gpu=gpu,
         train=options,
         pseudo_label_fraction=pseudo_label_fraction if self_train else None,
+        majority_voting=majority_voting,
+        over_clustering_resolution=over_clustering_resolution,
+        annotated_h5ad=annotated_h5ad,
     )
     manifest = run(ref, query=query, label_key=label_key, output=output, settings=settings, from_stage=from_stage)
     ran = [name for name, s in manifest["stages"].items() if s["status"] == "ran"]
     console.info(f"run: ran {', '.join(ran) or 'nothing (all up to date)'}; manifest → {output / 'run.json'}")
+    if "annotate" in manifest["stages"]:
+        console.info(f"run: annotated query → {output / OUTPUTS['annotate']}")
     if "evaluate" in manifest["stages"]:
         from hitanno_cli.commands.evaluate import print_summary
 
