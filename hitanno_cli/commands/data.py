@@ -27,11 +27,14 @@ def simulate_cmd(
     batch_peak_share: Annotated[
         float, typer.Option(help="Share of peaks whose accessibility shifts in the query (donor effect).")
     ] = _DEFAULTS.batch_peak_share,
+    min_type_cells: Annotated[
+        int | None, typer.Option(help="Cells of the rarest types (default: 25, fewer if the data is small).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _DEFAULTS.seed,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Write a synthetic scATAC-seq reference and a batch-shifted query (labels in cell_type)."""
+    """Write a synthetic scATAC-seq reference and a batch-shifted query (labels in cell_type), streamed."""
     from hitanno_cli.simulate import simulate_pair, simulation_config
 
     cfg = simulation_config(
@@ -42,6 +45,7 @@ def simulate_cmd(
         open_fraction=open_fraction,
         batch_peak_share=batch_peak_share,
         seed=seed,
+        min_type_cells=min_type_cells,
     )
     simulate_pair(output, config=cfg, overwrite=overwrite)
     console.info(
