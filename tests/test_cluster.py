@@ -501,12 +501,11 @@ def test_options_defaults_and_the_published_values() -> None:
     are published values."""
     import inspect
 
-    from hitanno_cli.clustering.pipeline import PRETRAIN_EPOCHS
     from hitanno_cli.commands.cluster import cluster_cmd
 
     defaults = {name: p.default for name, p in inspect.signature(cluster_cmd).parameters.items()}
-    assert defaults["resolution"] == "auto" and defaults["knn"] is True and defaults["pretrain_epochs"] is None
-    assert PRETRAIN_EPOCHS == {"rna": 50, "atac": 200}
+    assert defaults["resolution"] == "auto" and defaults["knn"] is True
+    assert defaults["pretrain_epochs"] == 200
     assert defaults["n_heads"] == 8 and defaults["n_hvg"] == 2500
     assert defaults["n_neighbors"] == 15 and defaults["max_cells"] == 4000
     assert defaults["cluster_epochs"] == 100 and defaults["lr"] == 1e-3

@@ -25,10 +25,6 @@ from hitanno_cli.runtime import resolve_device
 MODALITIES = ("rna", "atac")
 CONNECTIVITIES = ("gauss", "umap")
 ADJACENCIES = ("normalized", "raw")
-#: Pre-training epochs by modality when not given (published: 200 for both): on
-#: scRNA-seq 50 epochs give as good a start as 200 at a quarter of the time; the
-#: scATAC-seq latent space keeps improving up to 200 (docs/cluster.md).
-PRETRAIN_EPOCHS = {"rna": 50, "atac": 200}
 
 
 @dataclass(frozen=True)
@@ -123,7 +119,7 @@ def cluster(
     graph_pcs: int = 50,
     gcn_adjacency: str = "normalized",
     max_cells: int = 4000,
-    pretrain_epochs: int | None = None,
+    pretrain_epochs: int = 200,
     cluster_epochs: int = 100,
     lr: float = 1e-3,
     batch_size: int = 4096,
@@ -134,9 +130,8 @@ def cluster(
 ) -> dict[str, Any]:
     """Cluster the cells of the ``.h5ad`` ``data`` with AttentionAE-sc and write ``output``.
 
-    The options are those of ``hitanno cluster`` with its defaults; ``pretrain_epochs``
-    None takes :data:`PRETRAIN_EPOCHS` of the modality. Returns the metrics written to
-    ``metrics.json``.
+    The options are those of ``hitanno cluster`` with its defaults. Returns the metrics
+    written to ``metrics.json``.
     """
     options = ClusterOptions(
         label_key=label_key,
@@ -152,7 +147,7 @@ def cluster(
         adjacency=gcn_adjacency,
         max_cells=max_cells,
         train=TrainConfig(
-            pretrain_epochs=PRETRAIN_EPOCHS.get(modality, 200) if pretrain_epochs is None else pretrain_epochs,
+            pretrain_epochs=pretrain_epochs,
             cluster_epochs=cluster_epochs,
             lr=lr,
             batch_size=batch_size,

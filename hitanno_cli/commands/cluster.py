@@ -99,12 +99,7 @@ def cluster_cmd(
             "learned centroids. The published cap was 4000; raise it freely (e.g. 50000)."
         ),
     ] = 4000,
-    pretrain_epochs: Annotated[
-        int | None,
-        typer.Option(
-            help="Pre-training epochs. Default: 50 for rna, 200 for atac (published: 200).", show_default=False
-        ),
-    ] = None,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 200,
     cluster_epochs: Annotated[int, typer.Option(help="Most clustering epochs (stops earlier by tolerance).")] = 100,
     lr: Annotated[float, typer.Option(help="Adam learning rate of both phases.")] = 1e-3,
     batch_size: Annotated[
