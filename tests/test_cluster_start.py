@@ -129,6 +129,7 @@ def test_refuses_a_bad_resolution(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow  # an end-to-end run with its picture (~15 s on 2 cores)
 def test_cluster_reports_the_initial_partition(tmp_path: Path) -> None:
     import json
 
