@@ -22,7 +22,7 @@ class TrainConfig:
     lr_gamma: float = 0.5
     tol: float = 1e-3  # stop clustering when < 0.1 % of labels change ...
     min_cluster_epochs: int = 20  # ... after epoch 20
-    resolution: float = 1.0
+    resolution: float | str = "auto"  # a Leiden resolution, or "auto" (:mod:`.partition`)
     non_edges_per_cell: int = 64
     exhaustive_pairs: int = 1 << 22
     seed: int = 0
@@ -41,6 +41,7 @@ class History:
     cluster_loss: list[float] = field(default_factory=list)
     cluster_delta: list[float] = field(default_factory=list)
     n_init_clusters: int = 0
+    init: dict[str, Any] = field(default_factory=dict)
     stopped_epoch: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -57,5 +58,6 @@ class History:
             "cluster_final_loss": last(self.cluster_loss),
             "cluster_stopped_by_tolerance_at_epoch": self.stopped_epoch,
             "n_leiden_init_clusters": self.n_init_clusters,
+            "initial_partition": self.init,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
         }

@@ -8,7 +8,7 @@ the cell and its 14 nearest other cells. Two connectivities:
   ``w_ij = sqrt(2 s_i s_j / (s_i² + s_j²)) · exp(-d_ij² / (s_i² + s_j²))``.
   With ``knn=True`` the kernel is kept on the union of the kNN edges and ``s_i²`` is
   the median squared distance to the neighbours; with ``knn=False`` (the published
-  default) it is kept on all pairs (a weight under 1e-14 is dropped), the diagonal
+  graph) it is kept on all pairs (a weight under 1e-14 is dropped), the diagonal
   included, and ``s_i`` is half the distance to the last neighbour. Above
   :data:`DENSE_LIMIT` cells the all-pairs kernel is truncated to the
   ``SOFT_FACTOR × n_neighbors`` nearest cells so that the graph stays sparse.
@@ -43,7 +43,7 @@ class GraphConfig:
 
     n_neighbors: int = 15
     connectivity: str = "gauss"
-    knn: bool = False
+    knn: bool = True  # kNN edges only (default: sparse); False keeps the published soft graph
     metric: str = "cosine"
     #: Search neighbours on this many principal components of the features (0: on the
     #: features themselves up to 10 000 cells, PCA-50 above, as published).

@@ -211,6 +211,16 @@ def cluster_metrics(z: np.ndarray, labels: np.ndarray, truth: np.ndarray | None,
     return out
 
 
+def picture_caption(method: str) -> str | None:
+    """What the picture says when it is not the UMAP its name promises."""
+    if method == "UMAP":
+        return None
+    import importlib.util
+
+    why = "umap-learn is not installed" if importlib.util.find_spec("umap") is None else "too few cells for UMAP"
+    return f"{method} of the embedding, not UMAP: {why}"
+
+
 def plot_embedding(
     path: Path,
     xy: np.ndarray,
@@ -247,6 +257,9 @@ def plot_embedding(
                 bbox_to_anchor=(1.0, 0.5),
                 frameon=False,
             )
+    caption = picture_caption(method)
+    if caption:
+        fig.suptitle(caption, fontsize=9, color="firebrick")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -29,7 +29,8 @@ ADJACENCIES = ("normalized", "raw")
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """Everything ``hitanno cluster`` is told (the published defaults of AttentionAE-sc)."""
+    """Everything ``hitanno cluster`` is told (docs/cluster.md says where it departs from the
+    published defaults)."""
 
     label_key: str | None = None
     modality: str = "rna"
@@ -86,8 +87,11 @@ class ClusterOptions:
             raise UserError("epochs cannot be negative", "pass --pretrain-epochs and --cluster-epochs of 0 or more")
         if not self.train.lr > 0:
             raise UserError(f"--lr {self.train.lr} must be positive", "pass e.g. --lr 1e-3")
-        if not self.train.resolution > 0:
-            raise UserError(f"--resolution {self.train.resolution} must be positive", "pass e.g. --resolution 1.0")
+        resolution = self.train.resolution
+        if resolution != "auto" and not (isinstance(resolution, (int, float)) and resolution > 0):
+            raise UserError(
+                f"--resolution {resolution} must be positive or 'auto'", "pass --resolution auto or e.g. 1.0"
+            )
         if self.graph.connectivity == "umap" and not self.graph.knn:
             raise UserError(
                 "--connectivity umap builds a kNN graph; --no-knn applies to gauss only",
@@ -106,11 +110,11 @@ def cluster(
     output: str | Path,
     label_key: str | None = None,
     modality: str = "rna",
-    resolution: float = 1.0,
+    resolution: float | str = "auto",
     n_heads: int = 8,
     n_hvg: int = 2500,
     connectivity: str = "gauss",
-    knn: bool | None = None,
+    knn: bool = True,
     n_neighbors: int = 15,
     graph_pcs: int = 50,
     gcn_adjacency: str = "normalized",
@@ -126,9 +130,8 @@ def cluster(
 ) -> dict[str, Any]:
     """Cluster the cells of the ``.h5ad`` ``data`` with AttentionAE-sc and write ``output``.
 
-    The options are those of ``hitanno cluster`` with its defaults; ``knn`` None means
-    kNN edges only for ``connectivity="umap"`` (soft Gaussian weights, as published, for
-    ``gauss``). Returns the metrics written to ``metrics.json``.
+    The options are those of ``hitanno cluster`` with its defaults. Returns the metrics
+    written to ``metrics.json``.
     """
     options = ClusterOptions(
         label_key=label_key,
@@ -137,7 +140,7 @@ def cluster(
         graph=GraphConfig(
             n_neighbors=n_neighbors,
             connectivity=connectivity,
-            knn=connectivity == "umap" if knn is None else knn,
+            knn=knn,
             n_pcs=graph_pcs,
         ),
         n_heads=n_heads,

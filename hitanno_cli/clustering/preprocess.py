@@ -6,10 +6,10 @@ dispersion (the Seurat flavour), z-score each gene. The raw counts of those gene
 the ZINB target and ``size factor = cell total / median cell total``.
 
 scATAC-seq (``modality="atac"``): binarise, TF-IDF (:mod:`hitanno_cli.tfidf`, on the
-binary matrix), LSI (truncated SVD, first component dropped), centred and divided by one common
+binary matrix), LSI (30-component truncated SVD, first component dropped), centred and divided by one common
 scale (not per component, which would inflate the noise components). The
-reconstruction target is the binary accessibility of the ``n_hvg`` most often open
-peaks; size factor = open peaks per cell / median.
+reconstruction target is the binary accessibility of the ``n_hvg`` peaks that weigh most
+in the LSI (:func:`informative_peaks`); size factor = open peaks per cell / median.
 
 Everything stays scipy-sparse; the z-scored input is made dense one batch of cells at a
 time (:meth:`Features.rows`), so memory grows with non-zeros, not cells × genes.
@@ -30,7 +30,7 @@ from hitanno_cli.tfidf import tfidf
 __all__ = ["Counts", "Features", "Prepared", "Transform", "apply", "describe", "pca", "prepare", "read_counts"]
 
 #: LSI components computed for scATAC-seq (the first is dropped: it tracks depth).
-N_LSI = 50
+N_LSI = 30
 
 
 @dataclass
@@ -207,9 +207,19 @@ def _lsi(binary: sp.csr_matrix, idf_total: np.ndarray, n_cells_ref: int, compone
     return np.asarray(values @ components.T, dtype=np.float32)[:, 1:]
 
 
+def informative_peaks(svd: Any, n_targets: int) -> np.ndarray:
+    """Indices (ascending) of the ``n_targets`` peaks carrying most of the LSI's variance
+    beyond its first component: ``Σ_k (σ_k v_kp)²`` over components 2... The most often
+    open peaks, the obvious alternative, are open in most cells of every type and teach
+    the autoencoder little about types."""
+    weight = (svd.components_[1:].astype(np.float64) ** 2 * svd.singular_values_[1:, None] ** 2).sum(axis=0)
+    order = np.lexsort((np.arange(weight.size), -weight))
+    return np.sort(order[: min(n_targets, weight.size)])
+
+
 def prepare_atac(counts: Counts, n_targets: int, seed: int) -> Prepared:
-    """Binarise, TF-IDF, LSI (components 2..50), centre and scale; Bernoulli targets on
-    the most often open peaks."""
+    """Binarise, TF-IDF, LSI (components 2..30), centre and scale; Bernoulli targets on
+    the peaks that vary most in the LSI (:func:`informative_peaks`)."""
     from sklearn.decomposition import TruncatedSVD
 
     matrix, kept = _keep_cells(counts)
@@ -230,7 +240,7 @@ def prepare_atac(counts: Counts, n_targets: int, seed: int) -> Prepared:
     # noise components as much weight as the few that carry the structure
     mean, std = zscore_stats(lsi)
     std = np.full_like(std, np.sqrt(np.mean(std.astype(np.float64) ** 2)))
-    targets = np.sort(np.lexsort((np.arange(peaks.size), -peak_totals))[: min(n_targets, peaks.size)])
+    targets = informative_peaks(svd, n_targets)
     open_per_cell = row_sums(binary)
     names = [str(n) for n in counts.features[peaks]]
     transform = Transform(

@@ -30,9 +30,10 @@ from hitanno_cli import console
 from hitanno_cli.clustering import losses
 from hitanno_cli.clustering.batching import GraphBatch, make_batch, torch_sparse
 from hitanno_cli.clustering.config import History, TrainConfig
-from hitanno_cli.clustering.graph import GraphConfig, build_graph, gcn_adjacency, leiden
+from hitanno_cli.clustering.graph import GraphConfig, build_graph, gcn_adjacency
 from hitanno_cli.clustering.inference import INFER_CHUNK, assign, embed, graph_input, key_index
 from hitanno_cli.clustering.model import AttentionAE, ModelConfig, Output
+from hitanno_cli.clustering.partition import centroids_of, initial_partition, min_cluster_size
 from hitanno_cli.clustering.preprocess import Prepared
 
 
@@ -180,18 +181,22 @@ class Trainer:
 
     # -- Leiden initialisation ---------------------------------------------------------------
     def init_clusters(self) -> np.ndarray:
-        """Leiden on a graph of the latent codes; the centroids start at cluster means."""
+        """Leiden on a graph of the latent codes (:mod:`.partition`); the centroids start
+        at the cluster means."""
         start = time.perf_counter()
         z = self.embed().cpu().numpy()
-        latent_graph = build_graph(z, self.graph_config)
-        labels = leiden(latent_graph, self.cfg.resolution, self.cfg.seed)
-        n_clusters = int(labels.max()) + 1
-        centroids = np.stack([z[labels == c].mean(axis=0) for c in range(n_clusters)])
-        self.centroids = torch.nn.Parameter(torch.from_numpy(centroids.astype(np.float32)).to(self.device))
-        self.history.n_init_clusters = n_clusters
+        chosen = initial_partition(
+            z, resolution=self.cfg.resolution, graph_config=self.graph_config, seed=self.cfg.seed
+        )
+        self.centroids = torch.nn.Parameter(torch.from_numpy(centroids_of(z, chosen.labels)).to(self.device))
+        self.history.n_init_clusters = chosen.n_clusters
+        self.history.init = chosen.summary()
         self.history.seconds["leiden_init"] = time.perf_counter() - start
-        console.info(f"cluster: Leiden (resolution {self.cfg.resolution}) found {n_clusters} initial clusters")
-        return labels
+        console.info(
+            f"cluster: Leiden (resolution {chosen.resolution}) found {chosen.n_leiden_clusters} clusters; "
+            f"{chosen.n_clusters} initial clusters of at least {min_cluster_size(z.shape[0])} cells"
+        )
+        return chosen.labels
 
     # -- phase 2 --------------------------------------------------------------------------------
     def cluster(self) -> None:
@@ -219,6 +224,7 @@ class Trainer:
                     self.history.cluster_delta.append(delta)
                     if epoch > cfg.min_cluster_epochs and delta < cfg.tol:
                         self.history.stopped_epoch = epoch
+                        bar.update(total=epoch, completed=epoch, description="cluster: self-train (converged)")
                         console.info(f"cluster: {delta:.4%} of labels changed at epoch {epoch}; stopping")
                         break
                 last = labels

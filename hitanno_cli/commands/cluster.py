@@ -10,6 +10,7 @@ import typer
 
 from hitanno_cli import console
 from hitanno_cli.commands.common import Overwrite, Quiet, command
+from hitanno_cli.errors import UserError
 
 
 class Modality(str, Enum):
@@ -27,6 +28,19 @@ class Adjacency(str, Enum):
     raw = "raw"
 
 
+def parse_resolution(text: str) -> float | str:
+    """``--resolution``: ``auto`` or a positive number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UserError(f"--resolution {text} is not 'auto' or a positive number", "pass --resolution auto or e.g. 1.0")
+    return value
+
+
 @command
 def cluster_cmd(
     data: Annotated[
@@ -40,23 +54,29 @@ def cluster_cmd(
     modality: Annotated[
         Modality, typer.Option(help="rna: HVG z-scores + ZINB loss. atac: binarised, TF-IDF + LSI + Bernoulli loss.")
     ] = Modality.rna,
-    resolution: Annotated[float, typer.Option(help="Leiden resolution of the initial clustering.")] = 1.0,
+    resolution: Annotated[
+        str,
+        typer.Option(
+            help="Leiden resolution of the initial clustering: a number (1.0 as published), or auto: "
+            "the best separated in the latent space of several resolutions."
+        ),
+    ] = "auto",
     n_heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
     n_hvg: Annotated[
-        int, typer.Option(help="Highly variable genes kept (atac: most often open peaks reconstructed).")
+        int,
+        typer.Option(help="Highly variable genes kept (atac: peaks reconstructed, those weighing most in the LSI)."),
     ] = 2500,
     connectivity: Annotated[
         Connectivity, typer.Option(help="Cell graph weights: Gaussian kernel or UMAP.")
     ] = Connectivity.gauss,
     knn: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--knn/--no-knn",
-            help="Keep only kNN edges, or Gaussian weights beyond the k-th neighbour. "
-            "Default: --no-knn for gauss (published), --knn for umap.",
-            show_default=False,
+            help="Keep only kNN edges (sparse), or Gaussian weights beyond the k-th neighbour "
+            "(--no-knn, as published; gauss only).",
         ),
-    ] = None,
+    ] = True,
     n_neighbors: Annotated[int, typer.Option(help="Neighbours per cell, the cell itself included (as scanpy).")] = 15,
     graph_pcs: Annotated[
         int,
@@ -105,7 +125,7 @@ def cluster_cmd(
         output=output,
         label_key=label_key,
         modality=modality.value,
-        resolution=resolution,
+        resolution=parse_resolution(resolution),
         n_heads=n_heads,
         n_hvg=n_hvg,
         connectivity=connectivity.value,
