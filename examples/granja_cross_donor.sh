@@ -5,8 +5,9 @@
 #
 #   bash examples/granja_cross_donor.sh [GRANJA.h5ad] [OUT_DIR] [hitanno run options...]
 #
-# e.g. `... granja_out --self-train` adapts the model to the query donor
-# (pseudo-labels; macro-F1 0.60 -> 0.62 on this split, docs/recipe.md).
+# run self-trains on the query donor by default (pseudo-labels; macro-F1 0.60 -> 0.62
+# on this split, docs/recipe.md); `... granja_out --no-self-train` trains on the
+# reference alone.
 set -euo pipefail
 DATA=${1:-../shared/data/granja2019_bmmc_atac.h5ad}
 OUT=${2:-granja_out}

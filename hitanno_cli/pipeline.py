@@ -21,6 +21,7 @@ from typing import Any
 
 from hitanno_cli import artifacts, console, outputs
 from hitanno_cli.errors import UserError
+from hitanno_cli.training.options import PSEUDO_LABEL_FRACTION
 
 STAGES = ("select-peaks", "encode-reference", "encode-query", "train", "predict", "annotate", "evaluate")
 MANIFEST = "run.json"
@@ -50,7 +51,8 @@ class RunSettings:
     device: str = "auto"
     gpu: int | None = None
     train: Any = None  # training.TrainOptions
-    pseudo_label_fraction: float | None = None  # self-train on the query (train --adapt-to) when set
+    #: Self-train on the query (train --adapt-to) with this pseudo-labelled share; None: do not.
+    pseudo_label_fraction: float | None = PSEUDO_LABEL_FRACTION
     majority_voting: bool = False
     over_clustering_resolution: float | None = None
     annotated_h5ad: bool = True  # write the annotated copy of the query

@@ -44,6 +44,7 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
     ref, query = small_pair
     out = tmp_path / "run"
     base = ["run", "--ref", str(ref), "--query", str(query), "-l", "cell_type", "-o", str(out), "-q", *TINY]
+    base.append("--no-self-train")  # the plain model first; self-training (the default) below
     result = run_cli(*base)
     assert result.exit_code == 0, result.stderr
     assert set(_stages(out).values()) == {"ran"} and len(_stages(out)) == 7
@@ -80,13 +81,14 @@ def test_run_caches_stages_and_reruns_exactly_downstream(small_pair, tmp_path) -
     ran = [n for n, s in _stages(out).items() if s == "ran"]
     assert ran == ["encode-query", "train", "predict", "annotate", "evaluate"]
 
-    # self-training on the query retrains (now downstream of the query's store too) and predicts anew
-    assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--self-train").exit_code == 0
+    # self-training on the query (the default) retrains, now downstream of the query's store too
+    base.remove("--no-self-train")
+    assert run_cli(*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2").exit_code == 0
     assert [n for n, s in _stages(out).items() if s == "ran"] == ["train", "predict", "annotate", "evaluate"]
     assert (out / "model" / "adaptation.json").is_file()
 
     # majority voting is a predict setting: it reruns predict and what follows, nothing before
-    voted = [*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--self-train", "--majority-voting"]
+    voted = [*base, "--min-confidence", "0.9", "--train-option", "dropout=0.2", "--majority-voting"]
     assert run_cli(*voted).exit_code == 0
     assert [n for n, s in _stages(out).items() if s == "ran"] == ["predict", "annotate", "evaluate"]
     assert "majority_voting" in json.loads((out / "report" / "metrics.json").read_text())

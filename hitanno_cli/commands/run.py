@@ -40,11 +40,10 @@ def run_cmd(
         bool,
         typer.Option(
             "--self-train/--no-self-train",
-            help="Self-train on the query "
-            "(hitanno train --adapt-to): pseudo-label its most confident cells "
-            "and train again on both.",
+            help="Self-train on the query (hitanno train --adapt-to): pseudo-label its most confident "
+            "cells and train again on both. On by default: it raised macro-F1 on every benchmark setting.",
         ),
-    ] = False,
+    ] = True,
     pseudo_label_fraction: Annotated[
         float,
         typer.Option(help="With --self-train: share of each predicted type's query cells that are pseudo-labelled."),
