@@ -25,7 +25,7 @@ from sklearn.metrics import (
 
 from hitanno_cli import artifacts, outputs
 from hitanno_cli.errors import UserError
-from hitanno_cli.predictions import MAJORITY, UNASSIGNED, read_embeddings, read_majority_voting, read_predictions
+from hitanno_cli.predictions import UNASSIGNED, read_embeddings, read_majority_voting, read_predictions
 
 #: The metrics a summary shows first.
 HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "kappa", "accuracy_including_unassigned")
@@ -162,7 +162,7 @@ def _evaluate(
             raise UserError(f"{preds.directory}: the majority voting is for other cells", "run hitanno predict again")
         voted = score(truth_aligned, vote.labels, preds.class_names)
         metrics["majority_voting"] = {**{key: voted[key] for key in HEADLINE}, **vote.summary}
-        inputs["majority_voting"] = artifacts.sha256_file(preds.directory / MAJORITY)
+        inputs["majority_voting"] = vote.content_hash
     metrics = {"header": artifacts.make_header(artifacts.EVALUATION, {"label_key": label_key}, inputs), **metrics}
     with artifacts.atomic_dir(out, overwrite=True) as tmp:
         images = []

@@ -304,6 +304,7 @@ class MajorityVoting:
     labels: np.ndarray
     confidence: np.ndarray
     summary: dict[str, Any]
+    content_hash: str  # the table's sha256, as the predictions record it
 
 
 def read_majority_voting(directory: Path) -> MajorityVoting | None:
@@ -325,4 +326,5 @@ def read_majority_voting(directory: Path) -> MajorityVoting | None:
         labels=np.array([r["majority_voting"] for r in rows], dtype=object),
         confidence=np.array([float(r["majority_confidence"]) for r in rows]),
         summary=dict(record["majority_voting"]),
+        content_hash=record["hashes"][MAJORITY],
     )
