@@ -41,8 +41,10 @@ class AttentionSums:
 
     def add(self, predicted: np.ndarray, level1: np.ndarray, level2: np.ndarray) -> None:
         """Add one batch's per-cell attention under each cell's predicted type."""
-        np.add.at(self.level1, predicted, level1)
-        np.add.at(self.level2, predicted, level2)
+        one_hot = np.zeros((len(self.cells), len(predicted)))
+        one_hot[predicted, np.arange(len(predicted))] = 1.0  # the sums as one product each
+        self.level1 += (one_hot @ level1.reshape(len(predicted), -1)).reshape(self.level1.shape)
+        self.level2 += (one_hot @ level2.reshape(len(predicted), -1)).reshape(self.level2.shape)
         self.cells += np.bincount(predicted, minlength=len(self.cells))
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
@@ -116,13 +118,21 @@ def write_level2(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: np
             writer.writerow([loaded.class_names[c], sums.cells[c]] + [f"{v:.6g}" for v in level2[c, 0]])
 
 
+#: At most this many per-type level-2 maps are drawn (the most predicted types); with
+#: more tokens than :data:`MAX_TICK_LABELS` the maps carry no tick labels. The CSVs hold all.
+MAX_HEATMAPS = 16
+MAX_TICK_LABELS = 40
+#: The CLS map grows with the types up to this many inches a side (then its labels shrink).
+MAX_INCHES = 24.0
+
+
 def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: np.ndarray) -> None:
     """``level2_cls.png`` (CLS → sets per predicted type) and one level-2 map per type."""
     plt = pyplot()
     names, predicted = loaded.class_names, np.flatnonzero(sums.cells)
     tokens = ["CLS"] + names
-    size = max(4.0, 0.35 * len(tokens) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, max(2.5, 0.35 * len(predicted) + 1.5)))
+    size = min(MAX_INCHES, max(4.0, 0.35 * len(tokens) + 2))
+    fig, ax = plt.subplots(figsize=(size + 1, min(MAX_INCHES, max(2.5, 0.35 * len(predicted) + 1.5))))
     image = ax.imshow(level2[predicted, 0, :], aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
     ax.set_yticks(range(len(predicted)), [f"{names[c]} (n={sums.cells[c]})" for c in predicted], fontsize=7)
@@ -133,17 +143,28 @@ def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: n
     fig.tight_layout()
     fig.savefig(out / "level2_cls.png", dpi=120)
     plt.close(fig)
-    cols = math.ceil(math.sqrt(len(predicted)))
-    rows = math.ceil(len(predicted) / cols)
+    shown = predicted[np.argsort(-sums.cells[predicted], kind="stable")[:MAX_HEATMAPS]]
+    cols = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, c in zip(axes.flat, predicted):
+    labelled = len(tokens) <= MAX_TICK_LABELS
+    for ax, c in zip(axes.flat, shown):
         ax.imshow(level2[c], cmap="viridis", vmin=0)
         ax.set_title(f"{names[c]} (n={sums.cells[c]})", fontsize=8)
-        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
-        ax.set_yticks(range(len(tokens)), tokens, fontsize=5)
-    for ax in list(axes.flat)[len(predicted) :]:
+        if labelled:
+            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
+            ax.set_yticks(range(len(tokens)), tokens, fontsize=5)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
-    fig.suptitle("level-2 attention among [CLS, peak sets] (row attends to column)")
+    title = "level-2 attention among [CLS, peak sets] (row attends to column)"
+    if len(shown) < len(predicted):
+        title += f"\nthe {len(shown)} most predicted of {len(predicted)} types; all are in level2_attention.csv"
+    if not labelled:
+        title += f"\ntokens in panel order: CLS, then {', '.join(names[:3])}, …"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out / "level2_heatmaps.png", dpi=120)
     plt.close(fig)

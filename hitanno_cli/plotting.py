@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import numpy as np
@@ -27,8 +28,20 @@ def two_d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         except ImportError:
             pass
         else:
-            reducer = umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
-            return np.asarray(reducer.fit_transform(embeddings)), "UMAP"
+            k = min(15, n - 1)
+            knn = _neighbours(embeddings, k)  # exact and quick in a few dimensions; spares UMAP's JIT-compiled search
+            reducer = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, precomputed_knn=knn)
+            with warnings.catch_warnings():  # that a map of these neighbours cannot transform new cells
+                warnings.simplefilter("ignore", UserWarning)
+                return np.asarray(reducer.fit_transform(embeddings)), "UMAP"
     from sklearn.decomposition import PCA
 
     return PCA(n_components=min(2, n, embeddings.shape[1]), random_state=seed).fit_transform(embeddings), "PCA"
+
+
+def _neighbours(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's ``k`` nearest points (itself first) as UMAP's ``(indices, distances)``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(points).kneighbors(points)
+    return indices, distances.astype(np.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ def f1_bars(metrics: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+#: Entries per column of the embedding map's legend.
+LEGEND_ROWS = 40
+
+
 def embedding_map(coords: np.ndarray, truth: np.ndarray, predicted: np.ndarray, method: str, path: Path) -> Path:
     """Two scatter plots of the 2-D map: coloured by true and by predicted type."""
     names = sorted(set(truth.tolist()) | set(predicted.tolist()))
@@ -87,7 +92,11 @@ def embedding_map(coords: np.ndarray, truth: np.ndarray, predicted: np.ndarray, 
         ax.set_title(f"{method} of cell embeddings — {title}")
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[1].legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    columns = math.ceil(len(names) / LEGEND_ROWS)  # many types: the legend grows sideways, not off the page
+    axes[1].legend(
+        markerscale=4, fontsize=7 if columns == 1 else 5, ncol=columns,
+        loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+    )  # fmt: skip
     return _save(fig, path)
 
 

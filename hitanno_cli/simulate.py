@@ -60,11 +60,15 @@ def simulation_config(
     batch_peak_share: float,
     seed: int,
     min_type_cells: int | None = None,
+    programme_share: float = PROGRAMME_SHARE,
+    programme_boost: float = SimulationConfig.programme_boost,
 ) -> SimulationConfig:
     """A simulation of the given sizes: a lineage per three types, programmes that keep
-    their share of the peaks (5 % per type, 6.7 % per lineage, as at 3 000 peaks), and
-    rare types of ``min_type_cells`` (default: 25, or fewer where the data cannot hold
-    them). Refuses sizes that cannot make a labelled pair."""
+    their share of the peaks (``programme_share`` per type, 5 % by default as at 3 000
+    peaks, and 4/3 of it per lineage), and rare types of ``min_type_cells`` (default: 25,
+    or fewer where the data cannot hold them). A smaller share or ``programme_boost``
+    leaves fewer of a cell's reads telling its type: a harder data set. Refuses sizes that
+    cannot make a labelled pair."""
     from hitanno_cli.errors import UserError
 
     if n_types < 2 or n_peaks < n_types or min(n_ref, n_query) < 2 * n_types:
@@ -82,6 +86,11 @@ def simulation_config(
         raise UserError(
             f"--batch-peak-share {batch_peak_share} is not a share in [0, 1]", "e.g. --batch-peak-share 0.1"
         )
+    if not 0.0 < programme_share <= 0.5 or programme_boost <= 1.0:
+        raise UserError(
+            f"--programme-share {programme_share} / --programme-boost {programme_boost} make no type programme",
+            "pass a share in (0, 0.5] and a boost above 1, e.g. --programme-share 0.05 --programme-boost 8",
+        )
     return SimulationConfig(
         n_ref=n_ref,
         n_query=n_query,
@@ -91,8 +100,9 @@ def simulation_config(
         open_fraction=open_fraction,
         batch_peak_share=batch_peak_share,
         seed=seed,
-        programme_size=max(1, round(n_peaks * PROGRAMME_SHARE)),
-        lineage_programme_size=max(1, round(n_peaks * LINEAGE_PROGRAMME_SHARE)),
+        programme_size=max(1, round(n_peaks * programme_share)),
+        lineage_programme_size=max(1, round(n_peaks * programme_share * LINEAGE_PROGRAMME_SHARE / PROGRAMME_SHARE)),
+        programme_boost=programme_boost,
         min_type_cells=min_type_cells or min(SimulationConfig.min_type_cells, (n_ref + n_query) // (2 * n_types)),
     )
 

@@ -11,7 +11,7 @@ import typer
 
 from hitanno_cli import artifacts, console
 from hitanno_cli.commands.common import Overwrite, Quiet, command
-from hitanno_cli.simulate import SimulationConfig
+from hitanno_cli.simulate import PROGRAMME_SHARE, SimulationConfig
 
 _DEFAULTS = SimulationConfig()
 
@@ -30,6 +30,12 @@ def simulate_cmd(
     min_type_cells: Annotated[
         int | None, typer.Option(help="Cells of the rarest types (default: 25, fewer if the data is small).")
     ] = None,
+    programme_share: Annotated[
+        float, typer.Option(help="Share of the peaks in each type's own programme (smaller: harder).")
+    ] = PROGRAMME_SHARE,
+    programme_boost: Annotated[
+        float, typer.Option(help="How much more often a programme's peaks open (smaller: harder).")
+    ] = _DEFAULTS.programme_boost,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _DEFAULTS.seed,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -46,6 +52,8 @@ def simulate_cmd(
         batch_peak_share=batch_peak_share,
         seed=seed,
         min_type_cells=min_type_cells,
+        programme_share=programme_share,
+        programme_boost=programme_boost,
     )
     simulate_pair(output, config=cfg, overwrite=overwrite)
     console.info(

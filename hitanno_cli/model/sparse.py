@@ -258,8 +258,26 @@ def exact_rows(panel: PanelTerms, context: Tensor, ill: Tensor, rows: Tensor, po
     return context.index_put((ill_rows,), exact)
 
 
+#: Cells per block of :func:`attention_map`, so its ``[cells, T, P, H]`` temporaries stay
+#: within ~2**23 values whatever the panel's size.
+ATTENTION_BLOCK_VALUES = 1 << 23
+
+
 def attention_map(panel: PanelTerms, indptr: Tensor, positions: Tensor) -> Tensor:
-    """Set-token → peak attention ``[B, T, P]`` (mean over heads), densely for a small batch."""
+    """Set-token → peak attention ``[B, T, P]`` (mean over heads), densely, a block of cells at a time."""
+    t, p = panel.panel_shape
+    b = indptr.numel() - 1
+    h = panel.logits_open.shape[-1]
+    step = max(1, ATTENTION_BLOCK_VALUES // (t * p * h))
+    blocks = []
+    for lo in range(0, b, step):
+        hi = min(b, lo + step)
+        block_positions = positions[int(indptr[lo]) : int(indptr[hi])]
+        blocks.append(_attention_block(panel, indptr[lo : hi + 1] - indptr[lo], block_positions))
+    return torch.cat(blocks) if blocks else panel.logits_open.new_zeros(0, t, p)
+
+
+def _attention_block(panel: PanelTerms, indptr: Tensor, positions: Tensor) -> Tensor:
     t, p = panel.panel_shape
     b = indptr.numel() - 1
     states = dense_states(indptr, positions, t * p).view(b, t, p, 1)

@@ -80,6 +80,25 @@ class StoreIdentity:
     panel_text: str | None = None  # the panel file's text, kept in the store
 
 
+#: Bytes per chunk of a text kept in a store (its panel).
+TEXT_CHUNK = 1 << 20
+
+
+def write_text(group: zarr.Group, name: str, text: str) -> None:
+    """Keep ``text`` as the UTF-8 bytes array ``name``: a one-element string array of a
+    multi-megabyte text costs zarr a copy per character's worth of padding on write."""
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    chunk = max(1, min(data.size, TEXT_CHUNK))
+    group.create_array(name, shape=data.shape, chunks=(chunk,), dtype=np.uint8)[:] = data
+
+
+def read_text(array: zarr.Array) -> str:
+    """A text written by :func:`write_text` (or, in older stores, a one-element string array)."""
+    if array.dtype == np.uint8:
+        return array[:].tobytes().decode("utf-8")
+    return str(array[0])
+
+
 def write_cells_and_attrs(
     group: zarr.Group, identity: StoreIdentity, digests: np.ndarray, ids: np.ndarray, labels: np.ndarray | None
 ) -> None:
@@ -97,7 +116,7 @@ def write_cells_and_attrs(
         label_info = {"key": identity.label_key, "missing": int((labels == "").sum())}
     panel_hash = None
     if identity.panel_text is not None:
-        artifacts.write_strings(group, "panel", np.array([identity.panel_text], dtype=object).astype(str))
+        write_text(group, "panel", identity.panel_text)
         panel_hash = artifacts.sha256_text(identity.panel_text)
     meta = {
         "header": identity.header,
@@ -291,7 +310,7 @@ class SentenceStore:
         if not (self.meta.get("array_hashes") or {}).get("panel"):
             return None
         with self.reading("panel"):
-            text = str(self._group["panel"][0])
+            text = read_text(self._group["panel"])
         self._verify("panel", artifacts.sha256_text(text))
         return text
 
