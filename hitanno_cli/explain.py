@@ -126,6 +126,12 @@ MAX_TICK_LABELS = 40
 MAX_INCHES = 24.0
 
 
+def most_predicted(cells: np.ndarray, limit: int) -> np.ndarray:
+    """The (at most ``limit``) types predicted for the most cells, most first; ties in panel order."""
+    predicted = np.flatnonzero(cells)
+    return predicted[np.argsort(-cells[predicted], kind="stable")[:limit]]
+
+
 def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: np.ndarray) -> None:
     """``level2_cls.png`` (CLS → sets per predicted type) and one level-2 map per type."""
     plt = pyplot()
@@ -143,7 +149,7 @@ def plot_heatmaps(out: Path, loaded: LoadedModel, sums: AttentionSums, level2: n
     fig.tight_layout()
     fig.savefig(out / "level2_cls.png", dpi=120)
     plt.close(fig)
-    shown = predicted[np.argsort(-sums.cells[predicted], kind="stable")[:MAX_HEATMAPS]]
+    shown = most_predicted(sums.cells, MAX_HEATMAPS)
     cols = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)

@@ -51,6 +51,24 @@ def test_encode_matches_direct_computation_and_keeps_labels(small_pair, small_pa
     assert store.meta["header"]["inputs"]["data"] == artifacts.sha256_file(query)
 
 
+def test_store_keeps_its_panel_as_bytes_and_reads_older_string_arrays(small_pair, small_panel, tmp_path) -> None:
+    """The panel text is kept as UTF-8 bytes (a one-element string array of a large text
+    cost zarr gigabytes to write); a store holding it the older way still reads."""
+    import zarr
+
+    from hitanno_cli.sentences.store import read_text
+
+    out = tmp_path / "q.zarr"
+    assert run_cli("encode", str(small_pair[1]), "-p", str(small_panel), "-o", str(out), "-q").exit_code == 0
+    store = SentenceStore(out)
+    text = small_panel.read_text(encoding="utf-8")
+    assert zarr.open_group(out, mode="r")["panel"].dtype == np.uint8
+    assert store.panel_text() == text and store.panel().content_hash == Panel.load(small_panel).content_hash
+    older = zarr.open_group(tmp_path / "older.zarr", mode="w")
+    artifacts.write_strings(older, "panel", np.array([text + " é"], dtype=object).astype(str))
+    assert read_text(older["panel"]) == text + " é"
+
+
 def test_query_with_other_peak_names_is_matched_by_overlap(small_pair, small_panel, tmp_path) -> None:
     ref, query = small_pair
     adata = ad.read_h5ad(query)

@@ -94,3 +94,18 @@ def test_evaluate_cli_writes_metrics_pictures_and_self_contained_html(tmp_path) 
 def test_all_unassigned_gives_an_empty_but_valid_score() -> None:
     m = score(np.array(["B", "T"], dtype=object), np.array([UNASSIGNED, UNASSIGNED], dtype=object), ["B", "T"])
     assert m["n_scored"] == 0 and m["accuracy"] is None and m["unassigned"]["n"] == 2
+
+
+@pytest.mark.slow  # numba compiles UMAP's layout on first use
+def test_embedding_map_keeps_separate_groups_apart() -> None:
+    """The report's 2-D map (UMAP on exact neighbours) puts two distant groups of cells apart."""
+    pytest.importorskip("umap")
+    from hitanno_cli.plotting import two_d
+
+    rng = np.random.default_rng(0)
+    points = np.vstack([rng.normal(0, 1, (150, 8)), rng.normal(12, 1, (150, 8))]).astype(np.float32)
+    coords, method = two_d(points)
+    assert method == "UMAP" and coords.shape == (300, 2)
+    a, b = coords[:150].mean(0), coords[150:].mean(0)
+    spread = max(coords[:150].std(0).max(), coords[150:].std(0).max())
+    assert np.linalg.norm(a - b) > 3 * spread

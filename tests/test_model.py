@@ -190,6 +190,23 @@ def test_encoder_layer_with_sdpa_equals_explicit_layer() -> None:
 
 
 # -- the sparse path is the dense path ----------------------------------------------------
+def test_attention_map_in_blocks_of_cells_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The level-1 map is drawn a few cells at a time (bounded memory at many types): the
+    same map, cells with no open peak included."""
+    import hitanno_cli.model.sparse as sparse_path
+
+    sparse, _ = paired_models(torch.float32)
+    states = random_states(7, 0.2, seed=5)
+    states[3] = False
+    indptr, positions = to_csr(states)
+    whole = sparse(indptr, positions, return_attention=True).level1_attention
+    heads = sparse.config.level1_heads
+    monkeypatch.setattr(sparse_path, "ATTENTION_BLOCK_VALUES", 2 * T * P * heads)  # two cells per block
+    blocked = sparse(indptr, positions, return_attention=True).level1_attention
+    assert blocked.shape == (7, T, P)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 0.9, 1.0])
 def test_sparse_equals_dense_outputs_float32(density: float) -> None:
     sparse, dense = paired_models(torch.float32)

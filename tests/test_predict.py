@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from hitanno_cli import console
 from hitanno_cli.batches import sequential_batches
 from hitanno_cli.checkpoint import load_model, read_metadata, save_model
+from hitanno_cli.explain import AttentionSums, most_predicted
 from hitanno_cli.model import HitAnno, ModelConfig
 from hitanno_cli.panel import Panel
 from hitanno_cli.sentences import SentenceStore
@@ -194,6 +195,26 @@ def test_explain_writes_attention_tables_and_heatmaps(trained: dict, tmp_path: P
     cls = pd.read_csv(out / "level2_cls.csv")
     assert np.allclose(cls.iloc[:, 2:].sum(1), 1, atol=1e-4)  # CLS's attention row sums to 1
     assert (out / "level2_cls.png").stat().st_size > 1000 and (out / "level2_heatmaps.png").stat().st_size > 1000
+
+
+def test_attention_sums_per_predicted_type_equal_a_loop() -> None:
+    rng = np.random.default_rng(0)
+    sums = AttentionSums(n_types=3, peaks_per_type=4)
+    batches = [(rng.integers(0, 3, n), rng.random((n, 3, 4)), rng.random((n, 4, 4))) for n in (5, 1, 9)]
+    for predicted, level1, level2 in batches:
+        sums.add(predicted, level1, level2)
+    predicted = np.concatenate([b[0] for b in batches])
+    level1, level2 = np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches])
+    for c in range(3):
+        np.testing.assert_allclose(sums.level1[c], level1[predicted == c].sum(0), rtol=1e-12)
+        np.testing.assert_allclose(sums.level2[c], level2[predicted == c].sum(0), rtol=1e-12)
+    assert sums.cells.tolist() == np.bincount(predicted, minlength=3).tolist()
+
+
+def test_heatmaps_show_the_most_predicted_types_only() -> None:
+    cells = np.array([0, 5, 9, 5, 1, 0, 30])
+    assert most_predicted(cells, 3).tolist() == [6, 2, 1]  # 1 and 3 tie at 5: panel order
+    assert most_predicted(cells, 16).tolist() == [6, 2, 1, 3, 4]  # never a type no cell was predicted as
 
 
 # -- bad input ----------------------------------------------------------------------------------

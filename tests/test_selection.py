@@ -37,16 +37,19 @@ def _dense_tfidf(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, value, 0.0)
 
 
-@pytest.mark.parametrize("block_nnz", [7, 1 << 16], ids=["small-blocks", "one-block"])
+@pytest.mark.parametrize("blocks", [(7, 6), (1 << 16, 8192)], ids=["small-blocks", "one-block"])
 @pytest.mark.parametrize("types", [["a", "b", "c"], ["a", "b"]], ids=["all-types", "c-left-out"])
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 28], ids=["re-read", "cached"])
-def test_streamed_tfidf_ttest_equals_dense_scipy(tmp_path, monkeypatch, cache_bytes, types, block_nnz) -> None:
+def test_streamed_tfidf_ttest_equals_dense_scipy(tmp_path, monkeypatch, cache_bytes, types, blocks) -> None:
     """Per-type moments and t statistics equal a dense computation, whatever the chunks and
-    blocks; cells of a type left out count nowhere (neither in TF-IDF totals nor in the rest)."""
+    blocks (of cells' entries, and of peaks in the t-test); cells of a type left out count
+    nowhere (neither in TF-IDF totals nor in the rest)."""
     import hitanno_cli.selection as selection
 
     monkeypatch.setattr(selection, "CACHE_BYTES", cache_bytes)
+    block_nnz, t_block = blocks  # entries per block of the moments, peaks per block of the t-test
     monkeypatch.setattr(selection, "BLOCK_NNZ", block_nnz)
+    monkeypatch.setattr(selection, "T_TEST_BLOCK", t_block)
     rng = np.random.default_rng(0)
     x = _random_counts(rng)
     labels = rng.choice(["a", "b", "c"], size=x.shape[0])

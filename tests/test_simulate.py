@@ -7,8 +7,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
+from hitanno_cli.errors import UserError
 from hitanno_cli.h5ad import H5ad
 from hitanno_cli.simulate import cell_blocks, draw, simulation_config, write_h5ad_blocks
 
@@ -50,3 +52,28 @@ def test_simulated_reads_follow_depth_and_type() -> None:
         assert np.corrcoef(profile, probabilities[t])[0, 1] > 0.9
     again = sp.vstack(list(cell_blocks(ref, **settings))).tocsr()
     assert (again != counts).nnz == 0  # seeded
+
+
+def test_programme_share_and_boost_set_how_telling_the_reads_are() -> None:
+    sizes = {"n_ref": 400, "n_query": 100, "n_peaks": 4000, "n_types": 4, "open_fraction": 0.05}
+    common = {**sizes, "batch_peak_share": 0.0, "seed": 1}
+    default, harder = simulation_config(**common), simulation_config(**common, programme_share=0.01, programme_boost=3)
+    assert (default.programme_size, default.lineage_programme_size) == (200, 267)
+    assert (harder.programme_size, harder.lineage_programme_size, harder.programme_boost) == (40, 53, 3)
+
+    def programme_reads(cfg) -> float:
+        """Share of the reads that land on a cell's own type's programme."""
+        donor = draw(cfg).donors[0]
+        counts = sp.vstack(list(cell_blocks(donor, n_peaks=cfg.n_peaks, open_fraction=cfg.open_fraction, seed=1)))
+        p = np.diff(donor.cdf, axis=1, prepend=np.arange(len(donor.cdf))[:, None])
+        own = p > np.median(p, axis=0) * 1.5  # each type's boosted peaks stand above the others'
+        return float(counts.multiply(own[donor.labels]).sum() / counts.sum())
+
+    assert programme_reads(harder) < 0.5 * programme_reads(default)
+
+
+@pytest.mark.parametrize("bad", [{"programme_share": 0.0}, {"programme_share": 0.7}, {"programme_boost": 1.0}])
+def test_impossible_programmes_are_refused(bad: dict) -> None:
+    sizes = {"n_ref": 400, "n_query": 100, "n_peaks": 4000, "n_types": 4, "open_fraction": 0.05}
+    with pytest.raises(UserError, match="programme"):
+        simulation_config(**sizes, batch_peak_share=0.1, seed=0, **bad)
