@@ -248,17 +248,22 @@ def run(
     ref: str | Path,
     *,
     query: str | Path,
-    label_key: str,
     output: str | Path,
+    label_key: str | None = None,
     settings: RunSettings | None = None,
     from_stage: str | None = None,
 ) -> dict[str, Any]:
     """Run the stages whose outputs in ``output`` are out of date; return the manifest
-    written to ``run.json``."""
+    written to ``run.json``. ``label_key`` defaults to the reference's one obs column with a
+    usual cell-type name, as in ``select-peaks``."""
+    from hitanno_cli.h5ad import H5ad
+
     ref, query = Path(ref), Path(query)
     settings = RunSettings() if settings is None else settings
     if from_stage is not None and from_stage not in STAGES:
         raise UserError(f"--from {from_stage} is not a stage", f"use one of: {', '.join(STAGES)}")
+    with H5ad(ref) as h5:
+        label_key = h5.label_key(label_key)
     with outputs.writing(output, kind=RUN_FOLDER, overwrite=True, inputs=[ref, query]) as out:
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)

@@ -135,3 +135,28 @@ def test_split_by_column_and_at_random(small_pair, tmp_path) -> None:
     q = ad.read_h5ad(tmp_path / "d" / "query.h5ad")
     assert q.obs["cell_type"].nunique() == 1
     assert run_cli("split", str(ref), "-o", str(tmp_path / "e"), "--by", "donr").exit_code == 2
+
+
+def test_run_finds_the_label_column_or_refuses_before_writing(small_pair, tmp_path, monkeypatch) -> None:
+    """Without ``-l`` the reference's one usual cell-type column is used, as in select-peaks;
+    with two candidates the run is refused in one line and leaves no folder."""
+    import hitanno_cli.pipeline as pipeline
+
+    ref, query = small_pair
+    seen: list[str] = []
+
+    def planned(ref_path, query_path, label_key, out, settings):  # stop before any stage runs
+        seen.append(label_key)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "plan", planned)
+    with pytest.raises(SystemExit):
+        pipeline.run(ref, query=query, output=tmp_path / "found")
+    assert seen == ["cell_type"]
+    two = tmp_path / "two.h5ad"
+    adata = ad.read_h5ad(ref)
+    adata.obs["celltype"] = adata.obs["cell_type"]
+    adata.write_h5ad(two)
+    result = run_cli("run", "--ref", str(two), "--query", str(query), "-o", str(tmp_path / "refused"), "-q")
+    assert result.exit_code == 2 and "--label-key" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()

@@ -18,8 +18,13 @@ from hitanno_cli.training.options import PSEUDO_LABEL_FRACTION
 def run_cmd(
     ref: Annotated[Path, typer.Option("--ref", help="Labelled reference .h5ad (raw counts).")],
     query: Annotated[Path, typer.Option("--query", help="Query .h5ad to annotate (labels optional).")],
-    label_key: Annotated[str, typer.Option("--label-key", "-l", help="obs column of cell types.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for every artifact and run.json.")],
+    label_key: Annotated[
+        str | None,
+        typer.Option(
+            "--label-key", "-l", help="obs column of cell types. Default: the one named cell_type, celltype, label, …"
+        ),
+    ] = None,
     from_stage: Annotated[
         str | None, typer.Option("--from", help=f"Rerun this stage and all after it: {', '.join(STAGES)}.")
     ] = None,
