@@ -108,27 +108,43 @@ class ShuffledCells:
         rng = np.random.default_rng([seed, epoch, rank])
         limit = self.n_batches() if limit is None else limit
         made = 0
-        carry_rows = np.zeros(0, np.int64)
-        carry: OpenRows | None = None
+        pending = _PartialBatch()  # a batch's cells so far, carried across buffer loads
         groups = [np.arange(len(self.chunks))] if self._cache is not None else self._groups(rng)
         for group in groups:
             data = self._cache if self._cache is not None else self._load(group)
             local = np.concatenate([np.arange(self.chunk_start[k], self.chunk_stop[k]) for k in group])
             order = self._draw(local, rng)
-            members, data = local[order], data.take(order)
-            if carry is not None:
-                members, data = np.concatenate([carry_rows, members]), OpenRows.concat([carry, data])
-            full = len(members) // self.batch_size * self.batch_size
-            for lo in range(0, full, self.batch_size):
-                if made == limit:
-                    return
-                sel = np.arange(lo, lo + self.batch_size)
-                yield Batch(data.take(sel), self.rows[members[sel]], self.targets[members[sel]])
-                made += 1
-            rest = np.arange(full, len(members))
-            carry_rows, carry = members[rest], data.take(rest)
-        if carry is not None and len(carry_rows) and made < limit:
-            yield Batch(carry, self.rows[carry_rows], self.targets[carry_rows])
+            lo = 0
+            while lo < len(order):  # each batch is gathered from the buffer, never a shuffled copy of it
+                hi = min(len(order), lo + self.batch_size - pending.n)
+                pending.add(data.take(order[lo:hi]), local[order[lo:hi]])
+                lo = hi
+                if pending.n == self.batch_size:
+                    if made == limit:
+                        return
+                    yield pending.batch(self.rows, self.targets)
+                    pending, made = _PartialBatch(), made + 1
+        if pending.n and made < limit:
+            yield pending.batch(self.rows, self.targets)
+
+
+class _PartialBatch:
+    """The cells of a batch being filled: pieces of sentences and their indices in ``rows``."""
+
+    def __init__(self) -> None:
+        self.pieces: list[OpenRows] = []
+        self.members: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, piece: OpenRows, members: np.ndarray) -> None:
+        self.pieces.append(piece)
+        self.members.append(members)
+        self.n += len(members)
+
+    def batch(self, rows: np.ndarray, targets: np.ndarray) -> Batch:
+        members = np.concatenate(self.members)
+        sentences = self.pieces[0] if len(self.pieces) == 1 else OpenRows.concat(self.pieces)
+        return Batch(sentences, rows[members], targets[members])
 
 
 def sequential_batches(store: SentenceStore, rows: np.ndarray | None, batch_size: int) -> Iterator[Batch]:
