@@ -175,17 +175,26 @@ def _evaluate(
         if embeddings is not None:
             pick = np.random.default_rng(0).permutation(len(embeddings))[:MAP_CELLS]
             coords, method = two_d(embeddings[pick])
-            metrics["embedding_map"] = method
+            metrics["embedding_map"], metrics["embedding_map_cells"] = method, len(pick)
             picture = report.embedding_map(
                 coords, truth_aligned[pick], preds.predicted[pick], method, tmp / "embedding_map.png"
             )
-            caption = "true and predicted types" + ("" if method == "UMAP" else " (PCA: too few cells for UMAP)")
-            images.append((picture, f"{method}: {caption}"))
+            images.append((picture, map_caption(method, len(pick), len(embeddings))))
         artifacts.write_verified_json(tmp / "metrics.json", metrics)
         report.write_html(
             metrics, images, tmp / "report.html", title=f"hitanno evaluation: {predictions}", headline=HEADLINE
         )
     return metrics
+
+
+def map_caption(method: str, shown: int, total: int) -> str:
+    """What the embedding map shows: its method, and the sample when it is not every cell."""
+    caption = f"{method}: true and predicted types"
+    if method != "UMAP":
+        caption += " (PCA: too few cells for UMAP, or umap-learn is not installed)"
+    if shown < total:
+        caption += f", on a seeded sample of {shown:,} of the {total:,} cells"
+    return caption
 
 
 def _identity(path: Path) -> str:

@@ -109,3 +109,11 @@ def test_embedding_map_keeps_separate_groups_apart() -> None:
     a, b = coords[:150].mean(0), coords[150:].mean(0)
     spread = max(coords[:150].std(0).max(), coords[150:].std(0).max())
     assert np.linalg.norm(a - b) > 3 * spread
+
+
+def test_map_caption_says_when_it_shows_a_sample() -> None:
+    from hitanno_cli.evaluation import map_caption
+
+    assert map_caption("UMAP", 300, 300) == "UMAP: true and predicted types"
+    assert map_caption("UMAP", 30_000, 200_000).endswith("on a seeded sample of 30,000 of the 200,000 cells")
+    assert "umap-learn" in map_caption("PCA", 3, 3)
