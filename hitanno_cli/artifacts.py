@@ -47,7 +47,7 @@ FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     PANEL: (1, 0),
     SENTENCES: (1, 1),
     MODEL: (1, 1),
-    CLUSTER_MODEL: (1, 0),
+    CLUSTER_MODEL: (1, 1),
     PREDICTIONS: (1, 1),
     ATTENTION: (1, 1),
     EVALUATION: (1, 1),

@@ -23,6 +23,7 @@ from hitanno_cli.clustering.model import AttentionAE, ModelConfig
 from hitanno_cli.clustering.preprocess import apply, prepare
 from hitanno_cli.clustering.simulate import simulate_counts, write_counts_h5ad
 from hitanno_cli.clustering.trainer import Trainer
+from hitanno_cli.errors import UserError
 
 FAST = ["--pretrain-epochs", "4", "--cluster-epochs", "3", "-q"]
 
@@ -341,13 +342,24 @@ def test_model_header_key_and_the_older_one(tmp_path: Path) -> None:
     )
     with safe_open(str(path), framework="numpy") as handle:
         metadata = handle.metadata()
-    assert "header" in metadata and "hitanno" not in metadata
+    assert "header" in metadata and "hitanno" not in metadata and metadata["content_hash"].startswith("sha256:")
     assert io.load_model(path).header == header
-    metadata["hitanno"] = metadata.pop("header")
+    tensors = load_file(str(path))
+    older = {**header, "format_version": "1.0"}  # a 1.0 file: the old header key, no content hash
+    legacy = {k: v for k, v in metadata.items() if k not in ("header", "content_hash")}
     old = tmp_path / "old.safetensors"
-    save_file(load_file(str(path)), str(old), metadata=metadata)
+    save_file(tensors, str(old), metadata={**legacy, "hitanno": json.dumps(older)})
     saved = io.load_model(old)
-    assert saved.header == header and saved.centroids.shape == (3, 16)
+    assert saved.header == older and saved.centroids.shape == (3, 16)
+    for name, edit in (("tensor", "centroids"), ("metadata", "modality")):  # an edited 1.1 file is refused
+        edited = tmp_path / f"edited_{name}.safetensors"
+        changed = dict(metadata)
+        if name == "tensor":
+            save_file({**tensors, edit: tensors[edit] + 1}, str(edited), metadata=changed)
+        else:
+            save_file(tensors, str(edited), metadata={**changed, edit: "atac"})
+        with pytest.raises(UserError, match="does not match its hash"):
+            io.load_model(edited)
 
 
 def test_mini_batches_and_sampling_then_assigning(sim_h5ad: Path, tmp_path: Path) -> None:

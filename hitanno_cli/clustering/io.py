@@ -9,7 +9,8 @@ The output directory (written atomically) holds:
 * ``model.safetensors`` — the network weights, ``centroids`` and the preprocessing
   tensors (z-score statistics; for scATAC-seq the LSI's IDF and components) under
   ``transform.*``; its metadata holds the header (key ``header``, as annotation models),
-  the model/graph/training configuration and the gene (or peak) list as JSON strings;
+  the model/graph/training configuration and the gene (or peak) list as JSON strings,
+  and ``content_hash`` over all of it (checked when the model is read);
 * ``metrics.json`` — silhouette and Davies–Bouldin on the embedding, ARI and NMI with
   ``--label-key``, cluster sizes, what training did and how long it took;
 * ``umap.png`` — the embedding in 2-d (UMAP with ``umap-learn``, else PCA), coloured by
@@ -85,7 +86,15 @@ def save_model(
         "modality": transform.modality,
         "features": json.dumps(transform.input_features),
     }
+    metadata["content_hash"] = _content_hash(tensors, metadata)
     save_file(tensors, str(path), metadata=metadata)
+
+
+def _content_hash(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """The hash annotation models carry (every tensor and metadata entry), over numpy arrays."""
+    from hitanno_cli.checkpoint import content_hash
+
+    return content_hash({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, metadata)
 
 
 def load_model(path: str | Path) -> SavedModel:
@@ -103,6 +112,12 @@ def load_model(path: str | Path) -> SavedModel:
             f"{path} is not a hitanno cluster model", "pass the model.safetensors that hitanno cluster wrote"
         ) from None
     artifacts.check_header(header, artifacts.CLUSTER_MODEL, path)
+    hashed = artifacts.is_hashed(header) or "content_hash" in metadata  # 1.0 files had no hash
+    if hashed and metadata.get("content_hash") != _content_hash(tensors, metadata):
+        raise UserError(
+            f"{path} is corrupted or was edited: its content does not match its hash",
+            "re-create it with hitanno cluster",
+        )
     config = ModelConfig(**json.loads(metadata["model_config"]))
     model = AttentionAE(config)
     state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("model.")}
