@@ -245,3 +245,21 @@ def test_background_writer_writes_rows_and_surfaces_errors(tmp_path) -> None:
     with pytest.raises(OSError, match="disk full"):  # raised in the thread, surfaced here
         with Failing(array) as writer:
             writer.write(0, np.ones((2, 3), np.uint8))
+
+
+@pytest.mark.parametrize("n_positions", [1, 7, 8, 13, 1001])
+def test_unpack_open_equals_unpacking_every_bit(n_positions: int) -> None:
+    """Open positions from the non-zero bytes alone are those of a full unpacking, in order,
+    at every density, with a stray padding bit past the panel ignored."""
+    from hitanno_cli.sentences.packing import unpack_open
+
+    rng = np.random.default_rng(n_positions)
+    for density in (0.0, 0.01, 0.5, 1.0):
+        states = rng.random((6, n_positions)) < density
+        packed = np.packbits(states, axis=1, bitorder="little")
+        if n_positions % 8:
+            packed[:, -1] |= 0x80
+        got = unpack_open(packed, n_positions)
+        rows, positions = np.nonzero(states)
+        assert got.positions.dtype == np.int64 and np.array_equal(got.positions, positions)
+        assert np.array_equal(got.indptr, np.concatenate([[0], np.cumsum(states.sum(axis=1))]))
