@@ -76,6 +76,8 @@ def run_scale(n_cells: int, args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{n_cells}] {name} ...", file=sys.stderr, flush=True)
         log = work / (name.replace("/", "-of-").replace(" ", "_") + ".log")
         rows.append(run_stage(name, stage_args, cells=cells, output=output, log=log))
+        partial = args.out.with_suffix(".partial.json")  # the stages so far, should a long run be cut short
+        partial.write_text(json.dumps({"n_cells": n_cells, "stages": rows}, indent=1) + "\n")
 
     stage(
         "simulate",
