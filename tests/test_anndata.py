@@ -14,7 +14,7 @@ from conftest import run_cli
 
 from hitanno_cli import artifacts
 from hitanno_cli.anndata_io import write_annotated_h5ad
-from hitanno_cli.annotate import annotate, fit
+from hitanno_cli.annotation import annotate, fit
 from hitanno_cli.errors import UserError
 from hitanno_cli.evaluation import evaluate
 from hitanno_cli.prediction import predict

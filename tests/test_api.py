@@ -67,3 +67,16 @@ def test_api_and_cli_make_the_same_panel_and_annotate(small_pair: tuple[Path, Pa
     )
     assert metrics["n_cells"] == metrics["n_scored"] > 0
     assert 0.0 <= metrics["accuracy"] <= 1.0 and (tmp_path / "report" / "report.html").is_file()
+
+
+def test_public_functions_stay_functions_after_any_stage_was_used() -> None:
+    """A function of the package is never shadowed by a submodule of the same name, e.g.
+    ``ha.annotate`` after ``ha.fit`` imported the module that defines both."""
+    import importlib
+
+    import hitanno_cli as ha
+
+    for module in set(ha._API.values()):
+        importlib.import_module(module)
+    for name in ha._API:
+        assert callable(getattr(ha, name)) and not isinstance(getattr(ha, name), type(ha)), name

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from hitanno_cli import console
 from hitanno_cli.batches import sequential_batches
 from hitanno_cli.checkpoint import load_model, read_metadata, save_model
-from hitanno_cli.explain import AttentionSums, most_predicted
+from hitanno_cli.explanation import AttentionSums, most_predicted
 from hitanno_cli.model import HitAnno, ModelConfig
 from hitanno_cli.panel import Panel
 from hitanno_cli.sentences import SentenceStore

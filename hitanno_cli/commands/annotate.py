@@ -315,7 +315,7 @@ def explain_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Mean attention per predicted cell type: top peaks per set (level 1), set-to-set (level 2)."""
-    from hitanno_cli.explain import explain
+    from hitanno_cli.explanation import explain
 
     explain(
         model,
