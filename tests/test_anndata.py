@@ -210,6 +210,7 @@ def test_majority_voting_is_written_beside_the_per_cell_labels(predicted: Path, 
     assert header["params"]["majority_voting"] == {"resolution": None, "n_neighbors": 15, "seed": 0}
 
 
+@pytest.mark.slow  # evaluate draws the UMAP, which numba compiles on first use
 def test_majority_voting_reaches_anndata_and_evaluate(voted: Path, small_pair: tuple[Path, Path], tmp_path: Path):
     written = ad.read_h5ad(write_annotated_h5ad(small_pair[1], predictions_dir=voted, output=tmp_path / "a.h5ad"))
     vote = read_majority_voting(voted)
