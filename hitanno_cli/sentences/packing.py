@@ -53,7 +53,7 @@ def unpack_open(packed: np.ndarray, n_positions: int) -> OpenRows:
     """Bit-packed sentences ``[cells, n_bytes]`` → the open positions of each cell.
 
     Only the non-zero bytes are unpacked: a cell opens a few hundred of tens of thousands
-    of positions, so unpacking every byte would cost ~30× more than finding them."""
+    of positions, so unpacking every byte costs several times more than finding them."""
     byte_rows, byte_cols = np.nonzero(packed)  # row-major: cells ascending, bytes ascending
     bits = np.unpackbits(packed[byte_rows, byte_cols][:, None], axis=1, bitorder="little")
     which, bit = np.nonzero(bits)  # within a byte, bits ascending: positions stay sorted
