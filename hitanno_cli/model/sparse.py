@@ -157,7 +157,8 @@ def panel_terms(embed: TokenEmbedding, layer: EncoderLayer) -> PanelTerms:
         self_logit = torch.einsum("te,the->th", sets, folded) + bias  # [T, H]
         tokens = [embed.peak_tokens_in(state) for state in (0, 1)]  # closed, open: [T*P, D]
         logits = [torch.einsum("tpe,the->tph", x.view(t, p, -1), folded) + bias[:, None] for x in tokens]
-        m = torch.maximum(torch.maximum(logits[0].amax(dim=1), logits[1].amax(dim=1)), self_logit).detach()
+        with torch.no_grad():  # the shared stabiliser; max(dim) reduces [T, P, H] faster than amax on the CPU
+            m = torch.maximum(torch.maximum(logits[0].max(dim=1).values, logits[1].max(dim=1).values), self_logit)
         e0, e1 = (torch.exp(lg - m[:, None]) for lg in logits)  # [T, P, H]
         e_self = torch.exp(self_logit - m)
         v0, v1 = (layer.value(x).view(t, p, h, d) for x in tokens)
