@@ -200,6 +200,26 @@ def test_open_set_context_equals_autograd_chain() -> None:
         assert "EmbeddingBagBackward0" in graph_ops(context(deltas, closed))
 
 
+# -- the linear path's weighted sum ----------------------------------------------------
+def test_weighted_bag_sum_equals_embedding_bag() -> None:
+    """Bags with repeated, missing and shared indices, one empty bag, rows no bag uses."""
+    gen = torch.Generator().manual_seed(12)
+    indices = torch.tensor([3, 0, 3, 7, 1, 1, 9, 3, 4])
+    offsets = torch.tensor([0, 3, 3, 5])  # bag 1 is empty
+    weights = torch.rand(indices.numel(), generator=gen, dtype=torch.float64)
+    table = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def run(table: torch.Tensor) -> torch.Tensor:
+        return kernels.weighted_bag_sum(indices, table, offsets, weights)
+
+    assert_same_function(run, [table], "weighted_bag_sum", "WeightedBagSum", **TIGHT)
+    (grad,) = torch.autograd.grad(run(table).sum(), table)
+    assert grad[[2, 5, 6, 8, 10, 11]].abs().sum() == 0  # rows no bag reads get no gradient
+    assert grad[3].tolist() == pytest.approx([float(weights[[0, 2, 7]].sum())] * 5)
+    weights.requires_grad_()  # weights that learn: the plain embedding_bag, which gives them a gradient
+    assert "WeightedBagSum" not in graph_ops(run(table))
+
+
 # -- the whole model ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "overrides, used",

@@ -12,6 +12,7 @@ name                        kernel                                         plain
 ``first_token``             :func:`first_token`: one-query attention       ``EncoderLayer.forward(first_only=True)``
 ``shared_query_attention``  :class:`SharedQueryAttention` (level 2's CLS)  concatenate CLS, then :func:`first_token`
 ``open_set_context``        :class:`OpenSetContext` (sparse level 1)       autograd's embedding_bag sum, add, divide
+``weighted_bag_sum``        :class:`WeightedBagSum` (the linear path)      ``F.embedding_bag`` and its backward
 ==========================  =============================================  =========================================
 
 Switch them with ``KERNELS[name] = False``, for a block with ``with plain_kernels(name,
@@ -43,7 +44,8 @@ PLAIN_KERNELS_ENV = "HITANNO_PLAIN_KERNELS"
 
 #: Each kernel's switch: True runs the kernel, False its plain torch expression.
 KERNELS: dict[str, bool] = dict.fromkeys(
-    ("dropout", "headwise_projection", "first_token", "shared_query_attention", "open_set_context"), True
+    ("dropout", "headwise_projection", "first_token", "shared_query_attention", "open_set_context", "weighted_bag_sum"),
+    True,
 )
 
 
@@ -324,3 +326,56 @@ def open_set_context(
     ill = ill_rows(z.detach(), sums[:, width - heads :].detach())
     z = torch.where(ill.unsqueeze(-1), torch.ones_like(z), z)
     return sums[:, heads : width - heads].reshape(sets.n_rows, heads, -1) / z.unsqueeze(-1), ill
+
+
+# -- sums over sparse rows ---------------------------------------------------------------
+def transposed_bag_sum(
+    rows: Tensor, columns: Tensor, table: Tensor, n_columns: int, weights: Tensor | None = None
+) -> Tensor:
+    """``Mᵀ · table`` ``[n_columns, width]`` for the sparse ``M`` with entries at ``(rows, columns)``
+    (values ``weights``, default 1) and ``table [n_rows, width]``.
+
+    The ``embedding_bag`` sum over ``Mᵀ``'s rows, built by a stable radix sort of the
+    columns: each output row is written once, where a scatter-add would first zero-fill
+    the output and then add into it.
+    """
+    key_dtype = torch.int16 if n_columns <= 2**15 else torch.int32 if n_columns <= 2**31 else torch.long
+    order = torch.sort(columns.to(key_dtype), stable=True).indices  # a radix sort for small integers
+    starts = torch.zeros(n_columns, dtype=torch.long, device=columns.device)
+    starts[1:] = torch.bincount(columns, minlength=n_columns)[:-1].cumsum(0)
+    per_entry = None if weights is None else weights[order]
+    return F.embedding_bag(rows[order], table, starts, mode="sum", per_sample_weights=per_entry)
+
+
+class WeightedBagSum(torch.autograd.Function):
+    """``out[b] = Σ_e w_e · table[indices_e]`` over the entries ``e`` of bag ``b`` (kernel
+    ``weighted_bag_sum``): ``F.embedding_bag(mode="sum")`` with per-entry weights that take
+    no gradient, as in the linear path.
+
+    The forward is that embedding_bag; the backward forms the table's gradient by
+    :func:`transposed_bag_sum`, writing each row once, where embedding_bag's backward
+    zero-fills a table-sized gradient and adds into it (at 100 types the table has
+    ``T² · P`` entries, six million, and the fill was a visible share of a step).
+    """
+
+    @staticmethod
+    def forward(ctx, indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, offsets, weights)
+        ctx.n_rows, ctx.dtype = table.shape[0], table.dtype
+        return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        indices, offsets, weights = ctx.saved_tensors
+        counts = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
+        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), counts)
+        grad_table = transposed_bag_sum(bags, indices, grad.contiguous(), ctx.n_rows, weights.to(grad.dtype))
+        return None, grad_table.to(ctx.dtype), None, None
+
+
+def weighted_bag_sum(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """:class:`WeightedBagSum` on the CPU when it is on and ``weights`` take no gradient, else
+    ``F.embedding_bag``."""
+    if KERNELS["weighted_bag_sum"] and indices.device.type == "cpu" and not weights.requires_grad:
+        return WeightedBagSum.apply(indices, table, offsets, weights)
+    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)

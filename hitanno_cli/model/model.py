@@ -251,7 +251,7 @@ class LinearPath(nn.Module):
         values = torch.log1p(SCALE * self.idf[positions] / n_open[cells])
         norm = torch.zeros_like(n_open).index_add_(0, cells, values * values).sqrt().clamp(min=1e-12)
         weights = (values / norm[cells]).to(self.weight.weight.dtype)
-        return self.weight(positions, indptr[:-1], per_sample_weights=weights)
+        return kernels.weighted_bag_sum(positions, self.weight.weight, indptr[:-1], weights)
 
 
 class HitAnno(nn.Module):

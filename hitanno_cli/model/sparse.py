@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hitanno_cli.errors import UserError
-from hitanno_cli.model.kernels import open_set_context
+from hitanno_cli.model.kernels import open_set_context, transposed_bag_sum
 
 if TYPE_CHECKING:
     from hitanno_cli.model.model import EncoderLayer, HitAnno, TokenEmbedding
@@ -94,14 +94,8 @@ class OpenSets:
         return F.embedding_bag(self.positions, table, self.offsets[:-1], mode="sum")
 
     def transposed_sum(self, table: Tensor) -> Tensor:
-        """``Sᵀ · table`` ``[T*P, width]`` for ``table [B*T, width]``: the same kernel over
-        ``Sᵀ``'s rows, built by a stable radix sort of the entries' positions."""
-        n = self.n_positions
-        key_dtype = torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.long
-        order = torch.sort(self.positions.to(key_dtype), stable=True).indices  # a radix sort for small integers
-        starts = torch.zeros(n, dtype=torch.long, device=self.positions.device)
-        starts[1:] = torch.bincount(self.positions, minlength=n)[:-1].cumsum(0)
-        return F.embedding_bag(self.rows[order], table, starts, mode="sum")
+        """``Sᵀ · table`` ``[T*P, width]`` for ``table [B*T, width]``: :func:`transposed_bag_sum`."""
+        return transposed_bag_sum(self.rows, self.positions, table, self.n_positions)
 
 
 def open_sets(indptr: Tensor, positions: Tensor, n_types: int, peaks_per_type: int) -> OpenSets:
