@@ -16,21 +16,26 @@ def zinb_nll(x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor, pi_logit: 
     ``NB(x; μ, θ) = Γ(x+θ) / (Γ(θ) x!) · (θ/(θ+μ))^θ · (μ/(θ+μ))^x``;
     ``P(0) = π + (1-π) NB(0)``, ``P(x>0) = (1-π) NB(x)``. The dropout probability comes as
     a logit, so ``log π`` and ``log(1-π)`` are exact where a sigmoid would saturate.
+
+    Every entry needs ``log NB(0) = θ (log θ − log(θ+μ))``; the rest of ``log NB(x)`` (the
+    gamma functions, and their digammas in the gradient) only where ``x > 0``, so it is
+    computed on those entries alone: most of a count matrix is zeros.
     """
-    log_theta_mu = torch.log(disp + mean)
-    nb_log = (
-        torch.lgamma(x + disp)
-        - torch.lgamma(disp)
-        - torch.lgamma(x + 1.0)
-        + disp * (torch.log(disp) - log_theta_mu)
-        + x * (torch.log(mean) - log_theta_mu)
-    )
     log_pi = -F.softplus(-pi_logit)
     log_one_minus_pi = -F.softplus(pi_logit)
+    log_theta_mu = torch.log(disp + mean)
     zero_nb = disp * (torch.log(disp) - log_theta_mu)
-    zero_case = torch.logaddexp(log_pi, log_one_minus_pi + zero_nb)
-    nonzero_case = log_one_minus_pi + nb_log
-    return -torch.where(x == 0, zero_case, nonzero_case).mean()
+    zero = x == 0
+    per_entry = torch.where(zero, torch.logaddexp(log_pi, log_one_minus_pi + zero_nb), log_one_minus_pi + zero_nb)
+    counts = (~zero).flatten().nonzero().squeeze(1)
+    x_nz, disp_nz = x.flatten()[counts], disp.flatten()[counts]
+    nonzero_rest = (
+        torch.lgamma(x_nz + disp_nz)
+        - torch.lgamma(disp_nz)
+        - torch.lgamma(x_nz + 1.0)
+        + x_nz * (torch.log(mean.flatten()[counts]) - log_theta_mu.flatten()[counts])
+    )
+    return -(per_entry.sum() + nonzero_rest.sum()) / x.numel()
 
 
 def bernoulli_nll(x: torch.Tensor, logit: torch.Tensor, size_factor: torch.Tensor) -> torch.Tensor:
