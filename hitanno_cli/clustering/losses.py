@@ -27,13 +27,13 @@ def zinb_nll(x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor, pi_logit: 
     zero_nb = disp * (torch.log(disp) - log_theta_mu)
     zero = x == 0
     per_entry = torch.where(zero, torch.logaddexp(log_pi, log_one_minus_pi + zero_nb), log_one_minus_pi + zero_nb)
-    counts = (~zero).flatten().nonzero().squeeze(1)
-    x_nz, disp_nz = x.flatten()[counts], disp.flatten()[counts]
+    nonzero = (~zero).flatten().nonzero().squeeze(1)
+    x_nz, disp_nz = x.flatten()[nonzero], disp.flatten()[nonzero]
     nonzero_rest = (
         torch.lgamma(x_nz + disp_nz)
         - torch.lgamma(disp_nz)
         - torch.lgamma(x_nz + 1.0)
-        + x_nz * (torch.log(mean.flatten()[counts]) - log_theta_mu.flatten()[counts])
+        + x_nz * (torch.log(mean.flatten()[nonzero]) - log_theta_mu.flatten()[nonzero])
     )
     return -(per_entry.sum() + nonzero_rest.sum()) / x.numel()
 

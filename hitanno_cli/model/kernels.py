@@ -354,8 +354,8 @@ class WeightedBagSum(torch.autograd.Function):
 
     The forward is that embedding_bag; the backward forms the table's gradient by
     :func:`transposed_bag_sum`, writing each row once, where embedding_bag's backward
-    zero-fills a table-sized gradient and adds into it (at 100 types the table has
-    ``T² · P`` entries, six million, and the fill was a visible share of a step).
+    zero-fills a table-sized gradient and adds into it: the linear path's table has
+    ``T² · P`` entries (six million at 100 types), and a batch reads only its open peaks' rows.
     """
 
     @staticmethod
