@@ -55,6 +55,15 @@ SETS = {
 }
 
 
+def simulated_set(work: Path) -> Path:
+    """The simulated count matrix with known clusters: 1 500 cells × 2 000 genes, 8 clusters
+    of 60 marker genes × 4 (written into ``work`` on first use)."""
+    from hitanno_cli.clustering.simulate import write_counts_h5ad
+
+    path = work / "sim.h5ad"
+    return path if path.exists() else write_counts_h5ad(path, 1500, 2000, 8, seed=1, markers=60, fold=4.0)
+
+
 def scores(truth: np.ndarray, labels: np.ndarray) -> dict:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -230,9 +239,7 @@ def main() -> None:
         for name in [n for n in args.only.split(",") if n in SETS]:
             file, modality, label_key = SETS[name]
             if name == "sim":
-                from hitanno_cli.clustering.simulate import write_counts_h5ad
-
-                path = write_counts_h5ad(work / "sim.h5ad", 1500, 2000, 8, seed=1, markers=60, fold=4.0)
+                path = simulated_set(work)
             else:
                 path = DATA / file
                 if not path.exists():

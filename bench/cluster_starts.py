@@ -44,28 +44,19 @@ sys.path.insert(0, str(ROOT))
 
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from bench.cluster import baseline  # noqa: E402
+from bench.cluster import DATA, RESULTS, SETS, baseline, simulated_set  # noqa: E402
 from hitanno_cli.clustering import partition  # noqa: E402
 from hitanno_cli.clustering.config import TrainConfig  # noqa: E402
 from hitanno_cli.clustering.counts import read_counts  # noqa: E402
 from hitanno_cli.clustering.graph import GraphConfig, build_graph, leiden  # noqa: E402
 from hitanno_cli.clustering.inference import graph_input  # noqa: E402
 from hitanno_cli.clustering.model import AttentionAE, ModelConfig  # noqa: E402
+from hitanno_cli.clustering.pipeline import ClusterOptions  # noqa: E402
 from hitanno_cli.clustering.preprocess import prepare  # noqa: E402
-from hitanno_cli.clustering.simulate import write_counts_h5ad  # noqa: E402
 from hitanno_cli.clustering.trainer import Trainer  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "results"
-#: name → (file, modality, label column); "sim" is the simulated set of bench/cluster.py.
-SETS = {
-    "baron": ("baron2016_mouse1_pancreas.h5ad", "rna", "cell_type"),
-    "sim": ("simulated", "rna", "cluster"),
-    "buenrostro": ("buenrostro2015_atac.h5ad", "atac", "cell_type"),
-    "granja": ("granja2019_bmmc_atac.h5ad", "atac", "cell_type"),
-}
 RULES = ("auto", "latent 1.0", "cells 1.0", "latent stable", "cells stable")
-MAX_CELLS = 4000  # hitanno cluster's --max-cells
+MAX_CELLS = ClusterOptions.max_cells  # hitanno cluster's --max-cells
 STABILITY_SEEDS = (0, 1, 2, 3)
 
 
@@ -97,12 +88,7 @@ def starts(z: np.ndarray, cell_graph, seed: int, config: GraphConfig) -> dict[st
 
 def data_path(name: str, work: Path) -> Path:
     """The data set's file (the simulated one written on first use)."""
-    if name != "sim":
-        return DATA / SETS[name][0]
-    path = work / "sim.h5ad"
-    if not path.exists():
-        write_counts_h5ad(path, 1500, 2000, 8, seed=1, markers=60, fold=4.0)
-    return path
+    return simulated_set(work) if name == "sim" else DATA / SETS[name][0]
 
 
 def load(name: str, seed: int, work: Path):

@@ -64,7 +64,7 @@ def unpack_open(packed: np.ndarray, n_positions: int) -> OpenRows:
         rows, positions = rows[keep], positions[keep]
     indptr = np.zeros(packed.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=packed.shape[0]), out=indptr[1:])
-    return OpenRows(indptr, positions.astype(np.int64))
+    return OpenRows(indptr, positions)  # int64: byte offsets × 8 + bit
 
 
 def pack_states(counts: sp.csr_matrix, match: PeakMatch, n_bytes: int) -> np.ndarray:
