@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 
 from hitanno_cli import artifacts, console
 from hitanno_cli.errors import UserError
@@ -29,7 +28,9 @@ from hitanno_cli.host import keep_freed_memory
 from hitanno_cli.panel import Panel, PeakSet
 from hitanno_cli.tfidf import tfidf_entries
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # scipy loads with the data: `hitanno --help` stays quick
+    import scipy.sparse as sp
+
     from hitanno_cli.h5ad import H5ad
 
 #: The published code keeps this many best-ranked peaks per type as candidates.

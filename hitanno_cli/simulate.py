@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 
-if TYPE_CHECKING:  # pandas loads when data is made: `hitanno --help` stays quick
+if TYPE_CHECKING:  # pandas and scipy load when data is made: `hitanno --help` stays quick
     import pandas as pd
+    import scipy.sparse as sp
 
 #: Cells simulated, and held in memory, at a time.
 BLOCK_CELLS = 8192
@@ -190,6 +190,8 @@ def cell_blocks(
     drawn from its type's distribution ``p_t`` (counts mostly 1, sometimes 2 or more).
     Drawing reads, not a Bernoulli per peak, costs ``O(reads)`` per cell, not ``O(peaks)``.
     """
+    import scipy.sparse as sp
+
     rng = np.random.default_rng([seed, 0 if donor.prefix == "ref" else 1])
     flat = donor.cdf.ravel()
     for start in range(0, len(donor.labels), block_cells):

@@ -12,8 +12,12 @@ binarised counts before its LSI.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:  # scipy loads with the first matrix: `hitanno --help` stays quick
+    import scipy.sparse as sp
 
 #: The scale inside the logarithm (counts per 10 000).
 SCALE = 1e4
@@ -37,6 +41,8 @@ def tfidf(counts: sp.csr_matrix, cell_total: np.ndarray, peak_total: np.ndarray,
     ``cell_total`` are the sums of ``counts``' rows, ``peak_total`` the column sums over
     the whole reference of ``n_cells`` cells (not only these rows).
     """
+    import scipy.sparse as sp
+
     counts = counts.tocsr()
     entry_total = np.repeat(cell_total, np.diff(counts.indptr))
     values = tfidf_entries(counts.data, entry_total, counts.indices, peak_total, n_cells)
@@ -49,6 +55,8 @@ def binary_tfidf(indptr: np.ndarray, positions: np.ndarray, n_positions: int) ->
     The idf is ``n_cells / n_open`` (0 where no cell is open): the weight the model's
     linear path gives an open peak.
     """
+    import scipy.sparse as sp
+
     n_cells = indptr.size - 1
     ones = np.ones(positions.size)
     opened = np.bincount(positions, minlength=n_positions).astype(np.float64)

@@ -48,11 +48,11 @@ def test_top_level_help_lists_every_command() -> None:
         assert re.search(rf"^\s+{re.escape(name)}\s", text, re.M), name
 
 
-HEAVY = ("torch", "anndata", "zarr", "h5py", "pandas", "sklearn")
+HEAVY = ("torch", "anndata", "zarr", "h5py", "pandas", "sklearn", "scipy")
 
 
 def test_parsing_options_loads_no_heavy_library() -> None:
-    """``hitanno --help`` and every ``hitanno CMD --help`` never import torch, anndata or pandas."""
+    """``hitanno --help`` and every ``hitanno CMD --help`` never import torch, anndata, pandas or scipy."""
     probe = (
         "import sys\n"
         "from hitanno_cli.__main__ import main\n"
