@@ -9,6 +9,9 @@ plain and self-trained) and scores, per setting, without training anything again
   (``bench/baselines.py``; the SVMs give no probabilities), chosen by the same 3-fold CV
   on the reference; mean ± sd over seeds for each weight ``w``;
 * **seed ensemble**: the mean of the seeds' probabilities, one ensemble per method;
+* **embedding neighbours**: how well cell types form neighbourhoods in what ``predict``
+  wrote to ``embeddings.zarr`` (plain runs), against the query's own LSI: macro-F1 of a
+  15-NN classifier on it, 5-fold CV with the true labels;
 * **ceiling** (with ``--ceiling``): the tuned logistic regression scored by 10-fold CV
   over *every* cell of the setting's data set (query labels included), per type: what a
   linear model of these features reaches at best, and which types it cannot separate.
@@ -27,9 +30,12 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+from sklearn.decomposition import TruncatedSVD
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from annotate import ROOT, tag  # noqa: E402
@@ -75,6 +81,36 @@ def mean_sd(values: list[float]) -> dict[str, float]:
     }
 
 
+def neighbour_f1(representation: np.ndarray, truth: np.ndarray) -> float:
+    """Macro-F1 of a 15-NN classifier on ``representation``, 5-fold CV with the true labels."""
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    guess = cross_val_predict(KNeighborsClassifier(n_neighbors=15), representation, truth, cv=folds)
+    return round(float(f1_score(truth, guess, average="macro")), 4)
+
+
+def query_lsi(query: ad.AnnData) -> np.ndarray:
+    """The query's own LSI: binary TF-IDF, 31-component SVD, first dropped, L2 rows."""
+    counts = query.X.tocsr()
+    x = BinaryTfidf().fit(counts).transform(counts)
+    return normalize(TruncatedSVD(n_components=31, random_state=0).fit_transform(x)[:, 1:])
+
+
+def embedding_neighbours(work: Path, seeds: list[int], query: ad.AnnData, truth: np.ndarray) -> dict[str, Any]:
+    """Neighbour macro-F1 of each plain run's ``embeddings.zarr``, and of the query's LSI."""
+    runs = []
+    for seed in seeds:
+        directory = work / f"pred_{tag(seed)}"
+        ids, matrix = read_array(directory, "embeddings")
+        if list(ids) != list(query.obs_names):
+            raise SystemExit(f"{directory}: the embeddings are not in the query's cell order")
+        runs.append(neighbour_f1(matrix, truth))
+    return {
+        "embeddings": mean_sd(runs),
+        "width": int(matrix.shape[1]),
+        "query_lsi": neighbour_f1(query_lsi(query), truth),
+    }
+
+
 def ceiling(adata: ad.AnnData, model_args: dict[str, Any]) -> dict[str, Any]:
     """The tuned LR's 10-fold CV over every cell of the data set: macro-F1 and per-type F1."""
     labels = adata.obs["cell_type"].astype(str).to_numpy()
@@ -108,6 +144,7 @@ def run_setting(work: Path, seeds: list[int], with_ceiling: bool) -> dict[str, A
             },
             "seed_ensemble": round(macro_f1(truth, np.mean(runs, axis=0), classes), 4),
         }
+    report["embedding_neighbours"] = embedding_neighbours(work, seeds, query, truth)
     if with_ceiling:
         report["ceiling"] = ceiling(ad.concat([ref, query]), chosen)
     return report
@@ -120,6 +157,11 @@ def print_setting(name: str, report: dict[str, Any]) -> None:
     for method in ("hitanno", "hitanno + self-training"):
         cells = "".join(f"{b['mean']:>8.3f}±{b['sd']:.3f}" for b in report[method]["blend"].values())
         print(f"{method:24s} {cells}  {report[method]['seed_ensemble']:>13.3f}")
+    n = report["embedding_neighbours"]
+    print(
+        f"15-NN macro-F1 in predict's embeddings ({n['width']} wide): {n['embeddings']['mean']:.3f} "
+        f"± {n['embeddings']['sd']:.3f}; in the query's LSI: {n['query_lsi']:.3f}"
+    )
     if "ceiling" in report:
         c = report["ceiling"]
         worst = sorted(c["per_type"].items(), key=lambda kv: kv[1])[:4]

@@ -3,8 +3,9 @@
 
 With the default key ``hitanno`` a cell gets ``obs["hitanno_label"]`` (categorical, the
 class names and ``Unassigned``), ``obs["hitanno_confidence"]`` (its best probability) and
-``obs["hitanno_unassigned"]``; ``obsm["X_hitanno"]`` holds the cell embeddings (a
-representation for ``sc.pp.neighbors(use_rep=...)``), ``obsm["hitanno_probabilities"]``
+``obs["hitanno_unassigned"]``; ``obsm["X_hitanno"]`` holds the cell embeddings (each
+cell's log-probabilities over the types: a representation for
+``sc.pp.neighbors(use_rep=...)``), ``obsm["hitanno_probabilities"]``
 the probability matrix, and ``uns["hitanno"]`` the record of what made them (model hash,
 versions, ``min_confidence``, class names). After ``predict --majority-voting`` a cell also
 gets ``obs["hitanno_majority_voting"]`` (its over-cluster's label),

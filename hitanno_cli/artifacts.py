@@ -48,7 +48,7 @@ FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
     SENTENCES: (1, 1),
     MODEL: (1, 1),
     CLUSTER_MODEL: (1, 1),
-    PREDICTIONS: (1, 1),
+    PREDICTIONS: (1, 2),
     ATTENTION: (1, 1),
     EVALUATION: (1, 1),
     RUN: (1, 1),

@@ -95,12 +95,18 @@ def h5ad_query(
 def run_model(
     loaded: LoadedModel, cells: OpenRows, device: torch.device, precision: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and embeddings of a batch of cells."""
+    """Class probabilities and cell embeddings (their logarithms) of a batch of cells.
+
+    The embedding a cell gets is its log-probability vector over the reference types: the
+    space the model decides in, holding the linear path's evidence too. The level-2 CLS
+    output is not used: with the default recipe it is nearly the same for every cell
+    (most of the signal reaches the logits through the linear path), and cell types do
+    not form neighbourhoods in it (``docs/recipe.md``)."""
     indptr, positions = to_device(cells, device)
     with autocast(device, precision):
         out = loaded.model(indptr, positions)
-    probs = torch.softmax(out.logits.float(), dim=1)
-    return probs.cpu().numpy(), out.embedding.float().cpu().numpy()
+    log_probs = torch.log_softmax(out.logits.float(), dim=1)
+    return log_probs.exp().cpu().numpy(), log_probs.cpu().numpy()
 
 
 def predict(
@@ -267,7 +273,7 @@ def write_predictions(
             header=header,
             class_names=loaded.class_names,
             cell_ids=query.cell_ids,
-            embed_dim=loaded.config.embed_dim,
+            embed_dim=len(loaded.class_names),
             with_truth=query.labels is not None,
         ) as writer,
         console.progress("predict", query.n_cells) as bar,

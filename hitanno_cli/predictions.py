@@ -6,7 +6,8 @@ One directory, written atomically:
   query has labels); ``Unassigned`` where the probability is below ``--min-confidence``;
 * ``probabilities.zarr`` — the ``[cells, n_types]`` probability matrix (float32), with the
   class names in its attributes;
-* ``embeddings.zarr`` — the ``[cells, embed_dim]`` cell embeddings (float32);
+* ``embeddings.zarr`` — the ``[cells, n_types]`` cell embeddings, each cell's
+  log-probabilities (float32; format 1.1 held the level-2 CLS output, ``embed_dim`` wide);
 * ``majority_voting.csv`` (with ``predict --majority-voting``) — ``cell_id,
   over_clustering, majority_voting, majority_confidence``: each cell's over-cluster, that
   cluster's most common predicted label and the share of its cells that agree.

@@ -51,9 +51,10 @@ def check_fields(adata: ad.AnnData, n_cells: int) -> list[str]:
     assert set(label) <= {*classes, "Unassigned"}
     assert adata.obs["hitanno_unassigned"].dtype == bool
     assert adata.obs["hitanno_confidence"].between(0, 1).all()
-    assert adata.obsm["X_hitanno"].shape == (n_cells, 16) and adata.obsm["X_hitanno"].dtype == np.float32
+    assert adata.obsm["X_hitanno"].shape == (n_cells, len(classes)) and adata.obsm["X_hitanno"].dtype == np.float32
     probabilities = adata.obsm["hitanno_probabilities"]
     assert probabilities.shape == (n_cells, len(classes)) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(np.exp(adata.obsm["X_hitanno"]), probabilities, atol=1e-5)
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-4)
     np.testing.assert_allclose(adata.obs["hitanno_confidence"], probabilities.max(1), rtol=1e-6)
     record = adata.uns["hitanno"]

@@ -13,6 +13,8 @@ import torch
 import zarr
 from conftest import run_cli
 from safetensors.torch import load_file, save_file
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
 
 from hitanno_cli import console
 from hitanno_cli.batches import sequential_batches
@@ -107,11 +109,15 @@ def test_predict_writes_labels_probabilities_and_embeddings(trained: dict, tmp_p
     assert [r["predicted"] for r in rows] == [names[i] for i in matrix.argmax(1)]
     assert np.allclose([float(r["probability"]) for r in rows], matrix.max(1), rtol=1e-5)
     emb = zarr.open_group(out / "embeddings.zarr", mode="r")["embeddings"][:]
-    assert emb.shape == (store.n_cells, 32) and np.isfinite(emb).all()
+    assert emb.shape == matrix.shape and np.isfinite(emb).all()
+    assert np.allclose(np.exp(emb), matrix, atol=1e-5)  # each cell's log-probabilities
     truth = [r["true_label"] for r in rows]
     accuracy = np.mean([r["predicted"] == t for r, t in zip(rows, truth)])
     majority = pd.Series(truth).value_counts(normalize=True).iloc[0]
     assert accuracy > majority + 0.1  # it learned the types, not just the largest one
+    # the embedding is a representation where cells of one type are neighbours
+    neighbours = cross_val_score(KNeighborsClassifier(5), emb, truth, cv=3).mean()
+    assert neighbours > majority + 0.1 and neighbours > accuracy - 0.1
 
 
 def test_h5ad_query_is_encoded_on_the_fly_to_the_same_result(trained: dict, tmp_path: Path) -> None:
