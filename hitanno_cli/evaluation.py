@@ -102,7 +102,8 @@ def _breakdown(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
 
 
 def read_truth(path: str | Path, label_key: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(cell_ids, labels)`` from a labelled sentence store or an ``.h5ad``."""
+    """``(cell_ids, labels)`` from a labelled sentence store or an ``.h5ad`` (its ``label_key``
+    column; None: the one column with a usual cell-type name, as ``select-peaks`` finds it)."""
     path = Path(path)
     if artifacts.kind_of(path) == artifacts.SENTENCES:
         from hitanno_cli.sentences import SentenceStore
@@ -114,14 +115,11 @@ def read_truth(path: str | Path, label_key: str | None) -> tuple[np.ndarray, np.
                 f"{path} was encoded without labels", "pass the query .h5ad with --label-key, or re-encode with -l"
             )
         return store.cell_ids(), labels
-    if label_key is None:
-        raise UserError(
-            "--truth is an .h5ad but no --label-key was given", "pass --label-key with the obs column of true types"
-        )
     from hitanno_cli.h5ad import H5ad
 
     with H5ad(path) as h5:
-        labels = np.array(["" if v is None else v for v in h5.labels(label_key)], dtype=object)
+        key = h5.label_key(label_key)  # None: the one obs column with a usual cell-type name
+        labels = np.array(["" if v is None else v for v in h5.labels(key)], dtype=object)
         return h5.unique_obs_names().astype(object), labels
 
 

@@ -79,15 +79,19 @@ def test_evaluate_cli_writes_metrics_pictures_and_self_contained_html(tmp_path) 
     assert len(images) == 2 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert f"{metrics['macro_f1']:.4f}" in page and "http" not in page.replace("http-equiv", "")
     assert (out / "confusion.png").stat().st_size > 1000
+    # without -l the one obs column named like a cell type is found, as select-peaks finds it
+    found = run_cli(
+        "evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"), "--truth", str(tmp_path / "q.h5ad"),
+        "-o", str(tmp_path / "r1"), "-q",
+    )  # fmt: skip
+    assert found.exit_code == 0, found.stderr
+    assert json.loads((tmp_path / "r1" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    obs["celltype"] = obs["cell_type"]  # two candidates: the user must choose
+    ad.AnnData(X=np.zeros((200, 3), np.float32), obs=obs).write_h5ad(tmp_path / "q2.h5ad")
     bad = run_cli(
-        "evaluate",
-        "--predictions",
-        str(tmp_path / "pred" / "predictions.csv"),
-        "--truth",
-        str(tmp_path / "q.h5ad"),
-        "-o",
-        str(tmp_path / "r2"),
-    )
+        "evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"), "--truth", str(tmp_path / "q2.h5ad"),
+        "-o", str(tmp_path / "r2"),
+    )  # fmt: skip
     assert bad.exit_code == 2 and "--label-key" in bad.stderr and not (tmp_path / "r2").exists()
 
 

@@ -39,7 +39,10 @@ def evaluate_cmd(
     truth: Annotated[Path, typer.Option("--truth", help="Known labels: a labelled sentence store or an .h5ad.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report directory to write.")],
     label_key: Annotated[
-        str | None, typer.Option("--label-key", "-l", help="obs column of true types (.h5ad truth).")
+        str | None,
+        typer.Option(
+            "--label-key", "-l", help="obs column of true types (.h5ad truth; default: the one named like cell_type)."
+        ),
     ] = None,
     embedding_map: Annotated[bool, typer.Option(help="Draw the 2-D map of cell embeddings (UMAP, else PCA).")] = True,
     overwrite: Overwrite = False,
