@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import run_cli
 from sklearn.metrics import adjusted_rand_score
 
 from hitanno_cli.clustering import graph as cg
-from hitanno_cli.clustering import io, partition
+from hitanno_cli.clustering import inference, io, partition
 from hitanno_cli.clustering.counts import Counts
 from hitanno_cli.clustering.preprocess import prepare
 
@@ -36,6 +37,22 @@ def test_merge_small_moves_tiny_clusters_to_the_nearest_centroid() -> None:
     assert np.bincount(merged).tolist() == [51, 42]
     assert merged[90] == merged[91] == merged[50] and merged[92] == merged[0]
     assert partition.min_cluster_size(100) == 5 and partition.min_cluster_size(50_000) == 250
+
+
+def test_dissolve_small_sends_a_tiny_final_cluster_to_the_nearest_remaining_centroid() -> None:
+    z = np.concatenate([np.zeros((50, 2)), np.full((40, 2), 10.0), [[8.0, 8.0], [2.0, 1.0], [6.0, 6.0]]])
+    centroids = np.array([[0.0, 0.0], [10.0, 10.0], [5.0, 5.0], [30.0, 30.0]], dtype=np.float32)
+    labels = np.concatenate([np.zeros(50, int), np.ones(40, int), [2, 2, 2]])  # centroid 3 holds no cell
+    kept = inference.dissolve_small(z.astype(np.float32), labels, centroids, min_size=5)
+    assert kept[:90].tolist() == labels[:90].tolist()  # cells of kept clusters stay
+    assert kept[90:].tolist() == [1, 0, 1]  # each dissolved cell goes to its own nearest kept centroid
+    # the saved centroids reproduce the labels: assigning to the kept ones gives the same
+    again = inference.assign(torch.from_numpy(z.astype(np.float32)), torch.from_numpy(centroids[[0, 1]]))
+    assert np.array_equal(np.array([0, 1])[again], kept)
+    # nothing is dissolved when every cluster is large enough, and the largest always stays
+    assert inference.dissolve_small(z.astype(np.float32), labels, centroids, min_size=3) is labels
+    alone = inference.dissolve_small(z[:3].astype(np.float32), np.array([2, 2, 0]), centroids, min_size=5)
+    assert alone.tolist() == [2, 2, 2]
 
 
 def test_auto_resolution_finds_the_planted_clusters_where_one_leiden_run_splits_them() -> None:
@@ -145,3 +162,6 @@ def test_cluster_reports_the_initial_partition(tmp_path: Path) -> None:
     assert set(start["silhouette_by_resolution"]) == {str(r) for r in partition.RESOLUTIONS}
     assert start["n_clusters"] == metrics["training"]["n_leiden_init_clusters"]
     assert metrics["header"]["params"]["train"]["resolution"] == "auto"
+    dissolved = metrics["dissolved_small_clusters"]
+    assert dissolved["min_size"] == 5 and dissolved["cells"] >= dissolved["clusters"] >= 0
+    assert min(metrics["cluster_sizes"]) >= 5 or metrics["n_clusters"] == 1

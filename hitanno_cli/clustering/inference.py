@@ -82,6 +82,24 @@ def assign(z: torch.Tensor, centroids: torch.Tensor) -> np.ndarray:
     return losses.soft_assign(z, centroids).argmax(dim=1).cpu().numpy()
 
 
+def dissolve_small(z: np.ndarray, labels: np.ndarray, centroids: np.ndarray, min_size: int) -> np.ndarray:
+    """Labels with every final cluster under ``min_size`` cells dissolved: its cells go to
+    their nearest remaining centroid (the largest cluster always remains).
+
+    Self-training can leave a centroid that holds a handful of cells, which reads as a
+    population of its own; like the start's small clusters (:func:`.partition.merge_small`)
+    it is noise. Assigning ``z`` to the remaining centroids gives the returned labels, so a
+    saved model without the dissolved centroids reproduces them."""
+    sizes = np.bincount(labels, minlength=centroids.shape[0])
+    keep = sizes >= min_size
+    keep[int(np.argmax(sizes))] = True
+    if not np.any((sizes > 0) & ~keep):
+        return labels
+    kept = np.flatnonzero(keep)
+    z_t, c_t = torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(np.ascontiguousarray(centroids[kept]))
+    return kept[assign(z_t, c_t)]
+
+
 def embed_and_assign(
     model: AttentionAE,
     centroids: np.ndarray,

@@ -15,7 +15,8 @@ from hitanno_cli import artifacts, console, outputs, plotting
 from hitanno_cli.clustering import io
 from hitanno_cli.clustering.config import TrainConfig
 from hitanno_cli.clustering.graph import GraphConfig, check_neighbors
-from hitanno_cli.clustering.inference import embed_and_assign
+from hitanno_cli.clustering.inference import dissolve_small, embed_and_assign
+from hitanno_cli.clustering.partition import min_cluster_size
 from hitanno_cli.clustering.preprocess import describe, prepare, read_counts
 from hitanno_cli.clustering.trainer import fit
 from hitanno_cli.errors import UserError
@@ -221,7 +222,11 @@ def _cluster(data_path: Path, out: Path, options: ClusterOptions) -> dict[str, A
             seed=options.train.seed,
             device=device,
         )
-    labels, centroids = relabel_centroids(labels, result.centroids)
+    min_size = min_cluster_size(labels.size)
+    kept = dissolve_small(z, labels, result.centroids, min_size)
+    moved = kept != labels
+    dissolved = {"min_size": min_size, "clusters": int(np.unique(labels[moved]).size), "cells": int(moved.sum())}
+    labels, centroids = relabel_centroids(kept, result.centroids)
     assign_seconds = time.perf_counter() - assign_start
 
     inputs = {"data": artifacts.sha256_file(data_path)}
@@ -233,6 +238,7 @@ def _cluster(data_path: Path, out: Path, options: ClusterOptions) -> dict[str, A
         {
             "data": summary,
             "n_training_cells": int(result.train_index.size),
+            "dissolved_small_clusters": dissolved,
             "training": history,
             "seconds_total": None,
             "peak_rss_gib": None,
