@@ -98,7 +98,7 @@ class PredictionsWriter:
         header: dict[str, Any],
         class_names: list[str],
         cell_ids: np.ndarray,
-        embed_dim: int,
+        embedding_width: int,
         with_truth: bool,
     ) -> None:
         n = len(cell_ids)
@@ -111,7 +111,11 @@ class PredictionsWriter:
             attrs={"header": header, "class_names": list(class_names)},
         )
         self.embeddings = RowWriter(
-            directory / EMBEDDINGS, "embeddings", shape=(n, embed_dim), cell_ids=cell_ids, attrs={"header": header}
+            directory / EMBEDDINGS,
+            "embeddings",
+            shape=(n, embedding_width),
+            cell_ids=cell_ids,
+            attrs={"header": header},
         )
         self.directory, self.header, self.class_names = directory, header, list(class_names)
         self.ids_hash = artifacts.sha256_lines(np.asarray(cell_ids, dtype=str))
