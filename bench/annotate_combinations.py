@@ -39,13 +39,13 @@ from sklearn.preprocessing import normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from annotate import ROOT, tag  # noqa: E402
-from baselines import BinaryTfidf  # noqa: E402
+from baselines import LINEAR_GRID, BinaryTfidf  # noqa: E402
 
 from hitanno_cli.predictions import read_array, read_predictions  # noqa: E402
 
 WEIGHTS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
-#: The logistic-regression part of ``baselines.LINEAR_GRID``: (C, class weight).
-LR_GRID = [(c, w) for c in (0.3, 1.0, 3.0) for w in (None, "balanced")]
+#: The logistic-regression part of the tuned linear grid (the SVMs give no probabilities).
+LR_GRID = {name: make for name, make, l2 in LINEAR_GRID if not l2}
 
 
 def macro_f1(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> float:
@@ -57,13 +57,12 @@ def macro_f1(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -
 def tuned_lr(x_ref: sp.csr_matrix, labels: np.ndarray) -> tuple[LogisticRegression, dict[str, Any]]:
     """The LR configuration with the best 3-fold CV macro-F1 on the reference, refitted."""
     folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
-    cv = {}
-    for c, w in LR_GRID:
-        guess = cross_val_predict(LogisticRegression(C=c, class_weight=w, max_iter=1000), x_ref, labels, cv=folds)
-        cv[(c, w)] = float(f1_score(labels, guess, average="macro"))
-    c, w = max(cv, key=cv.get)
-    model = LogisticRegression(C=c, class_weight=w, max_iter=1000).fit(x_ref, labels)
-    return model, {"C": c, "class_weight": w or "none", "cv_macro_f1": round(cv[(c, w)], 4)}
+    cv = {
+        name: float(f1_score(labels, cross_val_predict(make(), x_ref, labels, cv=folds), average="macro"))
+        for name, make in LR_GRID.items()
+    }
+    best = max(cv, key=cv.get)
+    return LR_GRID[best]().fit(x_ref, labels), {"chosen": best, "cv_macro_f1": round(cv[best], 4)}
 
 
 def hitanno_probabilities(work: Path, seed: int, self_train: bool, classes: list[str]) -> np.ndarray:
@@ -116,8 +115,7 @@ def ceiling(adata: ad.AnnData, model_args: dict[str, Any]) -> dict[str, Any]:
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     counts = adata.X.tocsr()
     x = BinaryTfidf().fit(counts).transform(counts)  # idf over all cells: the ceiling may look at them
-    weight = None if model_args["class_weight"] == "none" else model_args["class_weight"]
-    model = LogisticRegression(C=model_args["C"], class_weight=weight, max_iter=1000)
+    model = LR_GRID[model_args["chosen"]]()
     guess = cross_val_predict(model, x, labels, cv=StratifiedKFold(n_splits=10, shuffle=True, random_state=0))
     types = sorted(set(labels))
     per_type = f1_score(labels, guess, labels=types, average=None)
@@ -152,7 +150,7 @@ def run_setting(work: Path, seeds: list[int], with_ceiling: bool) -> dict[str, A
 
 def print_setting(name: str, report: dict[str, Any]) -> None:
     lr = report["tuned_lr"]
-    print(f"\n== {name}: tuned LR (C={lr['C']}, {lr['class_weight']}) macro-F1 {lr['macro_f1']:.3f}")
+    print(f"\n== {name}: tuned LR ({lr['chosen']}) macro-F1 {lr['macro_f1']:.3f}")
     print("blend weight of the LR   " + "".join(f"{w:>14}" for w in WEIGHTS) + "  seed ensemble")
     for method in ("hitanno", "hitanno + self-training"):
         cells = "".join(f"{b['mean']:>8.3f}±{b['sd']:.3f}" for b in report[method]["blend"].values())

@@ -118,8 +118,7 @@ def read_truth(path: str | Path, label_key: str | None) -> tuple[np.ndarray, np.
     from hitanno_cli.h5ad import H5ad
 
     with H5ad(path) as h5:
-        key = h5.label_key(label_key)  # None: the one obs column with a usual cell-type name
-        labels = np.array(["" if v is None else v for v in h5.labels(key)], dtype=object)
+        labels = np.array(["" if v is None else v for v in h5.labels(h5.label_key(label_key))], dtype=object)
         return h5.unique_obs_names().astype(object), labels
 
 

@@ -273,7 +273,6 @@ def write_predictions(
             header=header,
             class_names=loaded.class_names,
             cell_ids=query.cell_ids,
-            embedding_width=len(loaded.class_names),
             with_truth=query.labels is not None,
         ) as writer,
         console.progress("predict", query.n_cells) as bar,

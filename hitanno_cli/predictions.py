@@ -98,7 +98,6 @@ class PredictionsWriter:
         header: dict[str, Any],
         class_names: list[str],
         cell_ids: np.ndarray,
-        embedding_width: int,
         with_truth: bool,
     ) -> None:
         n = len(cell_ids)
@@ -110,10 +109,10 @@ class PredictionsWriter:
             cell_ids=cell_ids,
             attrs={"header": header, "class_names": list(class_names)},
         )
-        self.embeddings = RowWriter(
+        self.embeddings = RowWriter(  # the log-probabilities: as wide as the probabilities
             directory / EMBEDDINGS,
             "embeddings",
-            shape=(n, embedding_width),
+            shape=(n, len(class_names)),
             cell_ids=cell_ids,
             attrs={"header": header},
         )
