@@ -1,7 +1,8 @@
-"""Where self-training starts: five rules for the initial partition, on one pre-training each.
+"""Where self-training starts: six rules for the initial partition, on one pre-training each.
 
 For every data set and seed the model is pre-trained once (``hitanno cluster``'s defaults:
-200 epochs, kNN graph on PCA-50 / LSI, the same sampling above 4 000 cells); then each
+50 epochs in batches of 256 cells, kNN graph on PCA-50 / LSI, the same sampling above
+4 000 cells; ``--pretrain-epochs`` changes the epochs); then each
 rule below gives an initial partition (small clusters merged, centroids = latent means),
 and self-training (DEC, the defaults) runs from it, from the same pre-trained weights and
 the same random state. Reported: the ARI of the start and of the final clusters against
@@ -12,7 +13,9 @@ Labels only score; no rule looks at them.
 Rules:
 
 * ``auto`` — the default (``--resolution auto``): Leiden on the latent kNN graph at the
-  resolution whose partition has the highest latent silhouette, if ≥ 0.5, else 1.0;
+  resolution whose partition has the highest latent silhouette, if ≥ 0.5, else Leiden
+  at 1.0 on the cell graph;
+* ``auto, latent fallback`` — the same, falling back to 1.0 on the latent graph;
 * ``latent 1.0`` — the published start: Leiden at 1.0 on the latent kNN graph;
 * ``cells 1.0`` — Leiden at 1.0 on the cell graph the model was trained with (the input
   space: what the standard Leiden pipeline clusters);
@@ -55,7 +58,7 @@ from hitanno_cli.clustering.pipeline import ClusterOptions  # noqa: E402
 from hitanno_cli.clustering.preprocess import prepare  # noqa: E402
 from hitanno_cli.clustering.trainer import Trainer  # noqa: E402
 
-RULES = ("auto", "latent 1.0", "cells 1.0", "latent stable", "cells stable")
+RULES = ("auto", "auto, latent fallback", "latent 1.0", "cells 1.0", "latent stable", "cells stable")
 MAX_CELLS = ClusterOptions.max_cells  # hitanno cluster's --max-cells
 STABILITY_SEEDS = (0, 1, 2, 3)
 
@@ -77,8 +80,11 @@ def starts(z: np.ndarray, cell_graph, seed: int, config: GraphConfig) -> dict[st
     latent_graph = build_graph(z, config)
     size = partition.min_cluster_size(z.shape[0])
     merged = lambda labels: partition.merge_small(z, labels, size)  # noqa: E731
+    auto = partition.initial_partition(z, resolution="auto", graph_config=config, seed=seed, cell_graph=cell_graph)
+    latent_fallback = partition.initial_partition(z, resolution="auto", graph_config=config, seed=seed)
     return {
-        "auto": partition.initial_partition(z, resolution="auto", graph_config=config, seed=seed).labels,
+        "auto": auto.labels,
+        "auto, latent fallback": latent_fallback.labels,
         "latent 1.0": merged(leiden(latent_graph, 1.0, seed)),
         "cells 1.0": merged(leiden(cell_graph, 1.0, seed)),
         "latent stable": merged(most_stable(latent_graph)[1]),
@@ -103,7 +109,7 @@ def load(name: str, seed: int, work: Path):
     return data, modality, np.asarray(data.labels).astype(str)
 
 
-def run(name: str, seed: int, work: Path) -> dict:
+def run(name: str, seed: int, work: Path, pretrain_epochs: int = TrainConfig.pretrain_epochs) -> dict:
     """Pre-train once, then self-train from every rule's start."""
     data, modality, truth = load(name, seed, work)
     config = GraphConfig()
@@ -119,7 +125,12 @@ def run(name: str, seed: int, work: Path) -> dict:
         )
     )
     trainer = Trainer(
-        model, data, graph=cell_graph, graph_config=config, cfg=TrainConfig(seed=seed), device=torch.device("cpu")
+        model,
+        data,
+        graph=cell_graph,
+        graph_config=config,
+        cfg=TrainConfig(seed=seed, pretrain_epochs=pretrain_epochs),
+        device=torch.device("cpu"),
     )
     trainer.pretrain()
     z = trainer.embed().cpu().numpy()
@@ -163,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(SETS), help="comma-separated data sets")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--pretrain-epochs", type=int, default=TrainConfig.pretrain_epochs)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one run per core)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "cluster_starts")
     parser.add_argument("--out", type=Path, default=RESULTS / "cluster_starts.json")
@@ -176,7 +188,7 @@ def main() -> None:
             continue
         baselines[name] = baseline(data_path(name, args.work), SETS[name][1], SETS[name][2])
         for seed in (int(s) for s in args.seeds.split(",")):
-            results.append(run(name, seed, args.work))
+            results.append(run(name, seed, args.work, args.pretrain_epochs))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             report = {"baselines": baselines, "runs": results}
             args.out.write_text(json.dumps(report, indent=1) + "\n")  # what is done so far

@@ -255,6 +255,25 @@ def test_clustering_stops_by_the_tolerance_rule(batch_size: int) -> None:
     assert len(h.cluster_loss) == 4  # the stopping epoch takes no step
 
 
+def test_pretraining_steps_in_mini_batches_and_self_training_in_full_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """120 cells: pre-training batches of 50 give 3 steps an epoch; self-training's
+    batch (4096) holds every cell, one step an epoch, and its targets attend to all cells."""
+    trainer = _trainer(pretrain_batch_size=50, min_cluster_epochs=0, tol=0.0, cluster_epochs=4)
+    steps: list[int] = []
+    step = Trainer._step
+
+    def counted(self, optimizer, params, loss):  # noqa: ANN001, ANN202
+        steps.append(self.batch_size)
+        return step(self, optimizer, params, loss)
+
+    monkeypatch.setattr(Trainer, "_step", counted)
+    trainer.pretrain()
+    assert steps == [50] * 6  # 2 epochs × 3 batches (120 cells split in 3)
+    assert trainer.full_batch and trainer.key_index.size == 120
+    trainer.cluster()
+    assert steps[6:] == [120] * 4
+
+
 def test_clustering_stop_is_the_first_epoch_under_tolerance() -> None:
     trainer = _trainer(min_cluster_epochs=2, tol=0.02, cluster_epochs=30)
     trainer.pretrain()
@@ -547,7 +566,8 @@ def test_options_defaults_and_the_published_values() -> None:
 
     defaults = {name: p.default for name, p in inspect.signature(cluster_cmd).parameters.items()}
     assert defaults["resolution"] == "auto" and defaults["knn"] is True
-    assert defaults["pretrain_epochs"] == 200
+    assert defaults["pretrain_epochs"] == 50 and defaults["pretrain_batch_size"] == 256  # published: 200, full
+    assert (TrainConfig().pretrain_epochs, TrainConfig().pretrain_batch_size) == (50, 256)
     assert defaults["n_heads"] == 8 and defaults["n_hvg"] == 2500
     assert defaults["n_neighbors"] == 15 and defaults["max_cells"] == 4000
     assert defaults["cluster_epochs"] == 100 and defaults["lr"] == 1e-3

@@ -63,6 +63,7 @@ def test_auto_resolution_finds_the_planted_clusters_where_one_leiden_run_splits_
     assert fixed.n_clusters > 4  # one Leiden run at the published resolution over-splits
     assert auto.n_clusters == 4 and adjusted_rand_score(truth, auto.labels) == 1.0
     assert auto.scores[str(auto.resolution)] == max(auto.scores.values())
+    assert auto.graph == "latent"
     assert auto.summary()["n_clusters"] == 4
 
 
@@ -71,6 +72,38 @@ def test_auto_resolution_falls_back_without_clear_clusters() -> None:
     auto = partition.initial_partition(z, resolution="auto", graph_config=cg.GraphConfig(knn=True), seed=0)
     assert max(auto.scores.values()) < partition.CLEAR_SILHOUETTE
     assert auto.resolution == partition.FALLBACK_RESOLUTION
+    assert auto.graph == "latent"
+
+
+def test_auto_falls_back_to_the_cell_graph_without_clear_latent_clusters() -> None:
+    """Latent codes with four overlapping groups (no partition reaches the clear
+    silhouette): Leiden at 1.0 splits them into many pieces on their own graph; given the
+    cell graph (here: a graph that joins only cells of the same group) the start is that
+    graph's partition, the four groups."""
+    rng = np.random.default_rng(3)
+    truth = np.repeat(np.arange(4), 150)
+    corners = 3.0 * np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    z = (rng.normal(size=(600, 2)) + corners[truth]).astype(np.float32)
+    config = cg.GraphConfig(knn=True)
+    latent_only = partition.initial_partition(z, resolution="auto", graph_config=config, seed=0)
+    assert max(latent_only.scores.values()) < partition.CLEAR_SILHOUETTE
+    assert latent_only.graph == "latent" and latent_only.n_clusters > 4
+    order = np.argsort(rng.random((600, 600)), axis=1)
+    same = truth[:, None] == truth[order]  # 10 random neighbours within the group
+    rows = np.repeat(np.arange(600), 10)
+    cols = np.concatenate([order[i][same[i]][:10] for i in range(600)])
+    groups = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(600, 600))
+    chosen = partition.initial_partition(
+        z, resolution="auto", graph_config=config, seed=0, cell_graph=groups.maximum(groups.T)
+    )
+    assert chosen.graph == "cells" and adjusted_rand_score(truth, chosen.labels) == 1.0
+    assert chosen.summary()["graph"] == "cells" and "cells 1.0" in chosen.scores
+    # a clear latent partition is kept whatever the cell graph says
+    clear, planted = _segments(150, 4, length=20.0, spread=50.0, seed=0)
+    kept = partition.initial_partition(
+        clear, resolution="auto", graph_config=config, seed=0, cell_graph=groups.maximum(groups.T)
+    )
+    assert kept.graph == "latent" and adjusted_rand_score(planted, kept.labels) == 1.0
 
 
 def test_atac_targets_are_the_informative_peaks() -> None:

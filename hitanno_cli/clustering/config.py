@@ -8,12 +8,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Both training phases, with the published defaults of AttentionAE-sc."""
+    """Both training phases: the published defaults of AttentionAE-sc, but for
+    pre-training in mini-batches (``pretrain_batch_size``) for fewer epochs."""
 
-    pretrain_epochs: int = 200
+    pretrain_epochs: int = 50
     cluster_epochs: int = 100
     lr: float = 1e-3
-    batch_size: int = 4096
+    pretrain_batch_size: int = 256  # cells per pre-training step
+    batch_size: int = 4096  # cells per self-training step, and the attention keys
     graph_weight: float = 0.1  # pre-training: ZINB + 0.1 × graph
     cluster_recon_weight: float = 0.1  # clustering: KL + 0.1 × ZINB + 0.01 × graph
     cluster_graph_weight: float = 0.01

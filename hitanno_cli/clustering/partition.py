@@ -5,10 +5,13 @@ many clusters as that resolution happens to find on this embedding, and self-tra
 rarely merges them again. ``resolution="auto"`` instead runs Leiden at every resolution
 of :data:`RESOLUTIONS` on the latent kNN graph and keeps the partition whose clusters
 are best separated in the latent space (highest silhouette; labels are never looked
-at), provided that separation is clear (:data:`CLEAR_SILHOUETTE`); else it takes the
-published resolution. Either way, clusters of fewer than :func:`min_cluster_size` cells are then merged
-into the cluster with the nearest centroid: a centroid of three cells only catches
-noise during self-training.
+at), provided that separation is clear (:data:`CLEAR_SILHOUETTE`). Else the latent
+space holds no clearly separated clusters, and the start is the published resolution
+on the cell graph the model was trained with — the standard Leiden pipeline's answer in
+the input space, which self-training then refines (on the latent graph, without a cell
+graph). Either way, clusters of
+fewer than :func:`min_cluster_size` cells are then merged into the cluster with the
+nearest centroid: a centroid of three cells only catches noise during self-training.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
 from hitanno_cli.clustering.graph import GraphConfig, build_graph, leiden, relabel_by_size
 
@@ -41,6 +45,7 @@ class Partition:
     resolution: float
     n_leiden_clusters: int
     scores: dict[str, float] = field(default_factory=dict)  # resolution → silhouette
+    graph: str = "latent"  # the graph Leiden ran on: "latent" or "cells"
 
     @property
     def n_clusters(self) -> int:
@@ -51,6 +56,7 @@ class Partition:
             "resolution": self.resolution,
             "n_leiden_clusters": self.n_leiden_clusters,
             "n_clusters": self.n_clusters,
+            "graph": self.graph,
             "silhouette_by_resolution": {k: round(v, 4) for k, v in self.scores.items()},
         }
 
@@ -93,11 +99,18 @@ def _silhouette(z: np.ndarray, labels: np.ndarray, sample: np.ndarray) -> float:
 
 
 def initial_partition(
-    z: np.ndarray, *, resolution: float | str, graph_config: GraphConfig, seed: int, merge: bool = True
+    z: np.ndarray,
+    *,
+    resolution: float | str,
+    graph_config: GraphConfig,
+    seed: int,
+    merge: bool = True,
+    cell_graph: sp.csr_matrix | None = None,
 ) -> Partition:
     """Leiden on the kNN graph of ``z`` at ``resolution``, or for ``"auto"`` at the best of
-    :data:`RESOLUTIONS` by silhouette (see the module docstring); small clusters merged
-    unless ``merge`` is False."""
+    :data:`RESOLUTIONS` by silhouette, falling back to ``cell_graph`` (the latent graph
+    without one) at :data:`FALLBACK_RESOLUTION` (see the module docstring); small
+    clusters merged unless ``merge`` is False."""
     graph = build_graph(z, graph_config)
     min_size = min_cluster_size(z.shape[0]) if merge else 1
     if resolution != "auto":
@@ -114,6 +127,13 @@ def initial_partition(
         candidates[r] = Partition(merge_small(z, found, min_size), r, int(found.max()) + 1)
         scores[str(r)] = _silhouette(z, candidates[r].labels, sample)
     best = max(RESOLUTIONS, key=lambda r: (scores[str(r)], -r))
-    chosen = candidates[best if scores[str(best)] >= CLEAR_SILHOUETTE else FALLBACK_RESOLUTION]
+    if scores[str(best)] >= CLEAR_SILHOUETTE:
+        chosen = candidates[best]
+    elif cell_graph is None:
+        chosen = candidates[FALLBACK_RESOLUTION]
+    else:
+        found = leiden(cell_graph, FALLBACK_RESOLUTION, seed)
+        chosen = Partition(merge_small(z, found, min_size), FALLBACK_RESOLUTION, int(found.max()) + 1, graph="cells")
+        scores[f"cells {FALLBACK_RESOLUTION}"] = _silhouette(z, chosen.labels, sample)
     chosen.scores = scores
     return chosen

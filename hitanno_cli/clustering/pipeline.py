@@ -76,14 +76,17 @@ class ClusterOptions:
             "--n-heads": self.n_heads,
             "--max-cells": self.max_cells,
             "--batch-size": self.train.batch_size,
+            "--pretrain-batch-size": self.train.pretrain_batch_size,
         }
         for name, value in positive.items():
             if value < 1:
                 raise UserError(f"{name} {value} must be at least 1", f"pass a positive {name}")
-        if self.train.batch_size < 2:
-            raise UserError(
-                "--batch-size must be at least 2 (BatchNorm needs two cells)", "pass --batch-size 2 or more"
-            )
+        for name, value in (
+            ("--batch-size", self.train.batch_size),
+            ("--pretrain-batch-size", self.train.pretrain_batch_size),
+        ):
+            if value < 2:
+                raise UserError(f"{name} must be at least 2 (BatchNorm needs two cells)", f"pass {name} 2 or more")
         if self.train.pretrain_epochs < 0 or self.train.cluster_epochs < 0:
             raise UserError("epochs cannot be negative", "pass --pretrain-epochs and --cluster-epochs of 0 or more")
         if not self.train.lr > 0:
@@ -120,7 +123,8 @@ def cluster(
     graph_pcs: int = 50,
     gcn_adjacency: str = "normalized",
     max_cells: int = 4000,
-    pretrain_epochs: int = 200,
+    pretrain_epochs: int = 50,
+    pretrain_batch_size: int = 256,
     cluster_epochs: int = 100,
     lr: float = 1e-3,
     batch_size: int = 4096,
@@ -149,6 +153,7 @@ def cluster(
         max_cells=max_cells,
         train=TrainConfig(
             pretrain_epochs=pretrain_epochs,
+            pretrain_batch_size=pretrain_batch_size,
             cluster_epochs=cluster_epochs,
             lr=lr,
             batch_size=batch_size,

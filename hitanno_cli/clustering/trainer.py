@@ -1,9 +1,11 @@
 """Training AttentionAE-sc in batches of cells: pre-training, Leiden start, DEC self-training.
 
 The published code runs every epoch on all cells at once with dense N×N matrices. Here
-an epoch is a pass over the cells in random batches of ``batch_size``; with the batch
-holding every cell (the default up to 4096 cells) a step is exactly the published
-full-batch step. Otherwise:
+an epoch is a pass over the cells in random batches: of ``pretrain_batch_size`` cells
+in pre-training (256 by default: many Adam steps per epoch, where one full-batch step
+per epoch learns little in the published 200 epochs), of ``batch_size`` in
+self-training. With the batch holding every cell (self-training's default up to 4096
+cells) a step is exactly the published full-batch step. Otherwise:
 
 * the GCN of a batch reads its cells' graph rows (sparse); neighbours outside the batch
   contribute their features from a cache of every cell's encoder (``e1``) and GCN
@@ -54,19 +56,25 @@ class Trainer:
         self.data, self.graph, self.graph_config, self.cfg, self.device = data, graph, graph_config, cfg, device
         self.adjacency = gcn_adjacency(graph, model.config.adjacency)
         self.n = data.n_cells
-        self.batch_size = max(2, min(cfg.batch_size, self.n))
-        self.full_batch = self.batch_size >= self.n
         self.rng = np.random.default_rng(cfg.seed)
         self.adj = torch_sparse(self.adjacency, device)
-        self.key_index = key_index(self.n, self.batch_size, cfg.seed)
+        # inference (the start, self-training's targets, assigning) attends to these keys
+        self.key_index = key_index(self.n, max(2, min(cfg.batch_size, self.n)), cfg.seed)
         self.history = History()
         self.centroids: torch.Tensor | None = None
         self._x_all: torch.Tensor | None = None
         self._t_all: torch.Tensor | None = None
         width = model.config
-        self.e1 = torch.zeros(0 if self.full_batch else self.n, width.n_enc_1, device=device)
-        self.h1 = torch.zeros(0 if self.full_batch else self.n, width.n_enc_2, device=device)
-        self.h2 = torch.zeros(0 if self.full_batch else self.n, width.n_z, device=device)
+        cached = max(2, min(cfg.pretrain_batch_size, cfg.batch_size)) < self.n
+        self.e1 = torch.zeros(self.n if cached else 0, width.n_enc_1, device=device)
+        self.h1 = torch.zeros(self.n if cached else 0, width.n_enc_2, device=device)
+        self.h2 = torch.zeros(self.n if cached else 0, width.n_z, device=device)
+        self._use_batches(cfg.batch_size)
+
+    def _use_batches(self, size: int) -> None:
+        """Train the coming phase in batches of ``size`` cells (all cells: full batch)."""
+        self.batch_size = max(2, min(size, self.n))
+        self.full_batch = self.batch_size >= self.n
 
     # -- data ---------------------------------------------------------------------------------
     def _inputs(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,6 +160,7 @@ class Trainer:
         """ZINB (or Bernoulli) + 0.1 × graph loss; Adam; lr halves every 40 epochs."""
         cfg, model = self.cfg, self.model
         start = time.perf_counter()
+        self._use_batches(cfg.pretrain_batch_size)
         self._warm_batchnorm()
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -177,6 +186,7 @@ class Trainer:
                 self.history.pretrain_graph.append(float(sums[2]))
                 bar.advance(1)
                 bar.update(description=f"cluster: pre-train (loss {sums[0]:.4f})")
+        self._use_batches(cfg.batch_size)
         self.history.seconds["pretrain"] = time.perf_counter() - start
 
     # -- Leiden initialisation ---------------------------------------------------------------
@@ -186,14 +196,15 @@ class Trainer:
         start = time.perf_counter()
         z = self.embed().cpu().numpy()
         chosen = initial_partition(
-            z, resolution=self.cfg.resolution, graph_config=self.graph_config, seed=self.cfg.seed
+            z, resolution=self.cfg.resolution, graph_config=self.graph_config, seed=self.cfg.seed, cell_graph=self.graph
         )
         self.centroids = torch.nn.Parameter(torch.from_numpy(centroids_of(z, chosen.labels)).to(self.device))
         self.history.n_init_clusters = chosen.n_clusters
         self.history.init = chosen.summary()
         self.history.seconds["leiden_init"] = time.perf_counter() - start
         console.info(
-            f"cluster: Leiden (resolution {chosen.resolution}) found {chosen.n_leiden_clusters} clusters; "
+            f"cluster: Leiden ({chosen.graph} graph, resolution {chosen.resolution}) "
+            f"found {chosen.n_leiden_clusters} clusters; "
             f"{chosen.n_clusters} initial clusters of at least {min_cluster_size(z.shape[0])} cells"
         )
         return chosen.labels

@@ -99,14 +99,17 @@ def cluster_cmd(
             "learned centroids. The published cap was 4000; raise it freely (e.g. 50000)."
         ),
     ] = 4000,
-    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 200,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs (published: 200, full batch).")] = 50,
+    pretrain_batch_size: Annotated[
+        int, typer.Option(help="Cells per pre-training step (at least as many as training cells: full batch).")
+    ] = 256,
     cluster_epochs: Annotated[int, typer.Option(help="Most clustering epochs (stops earlier by tolerance).")] = 100,
     lr: Annotated[float, typer.Option(help="Adam learning rate of both phases.")] = 1e-3,
     batch_size: Annotated[
         int,
         typer.Option(
-            help="Cells per training step and attention keys; with at least as many cells as "
-            "training cells this is the published full-batch training."
+            help="Cells per self-training step and attention keys; with at least as many cells as "
+            "training cells this is the published full-batch self-training."
         ),
     ] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -135,6 +138,7 @@ def cluster_cmd(
         gcn_adjacency=gcn_adjacency.value,
         max_cells=max_cells,
         pretrain_epochs=pretrain_epochs,
+        pretrain_batch_size=pretrain_batch_size,
         cluster_epochs=cluster_epochs,
         lr=lr,
         batch_size=batch_size,
