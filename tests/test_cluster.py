@@ -211,6 +211,20 @@ def test_umap_connectivities_solve_the_membership_equation() -> None:
     assert graph.max() <= 1.0 + 1e-12 and np.all(np.diag(graph) == 0)
 
 
+@pytest.mark.parametrize(("connectivity", "knn"), [("gauss", True), ("gauss", False), ("umap", True)])
+def test_build_graphs_gives_the_cell_graph_and_the_standard_pipelines_graph(connectivity: str, knn: bool) -> None:
+    """The second graph is the UMAP connectivities of the same kNN search, whatever the
+    model's graph is; the first is :func:`build_graph`'s."""
+    x = np.random.default_rng(12).normal(size=(70, 6))
+    config = cg.GraphConfig(n_neighbors=8, connectivity=connectivity, knn=knn)
+    graph, standard = cg.build_graphs(x, config)
+    assert (graph != cg.build_graph(x, config)).nnz == 0
+    indices, distances = cg.nearest_neighbors(x, 7, "cosine")
+    expected = cg.umap_connectivities(indices, distances, 8).toarray()
+    np.testing.assert_allclose(standard.toarray(), expected, rtol=1e-6)
+    assert (standard is graph) == (connectivity == "umap")
+
+
 def test_leiden_finds_planted_clusters() -> None:
     counts, truth = simulate_counts(300, 200, 3, seed=2, markers=30, fold=6.0)
     data = prepare(Counts(counts, np.arange(300).astype(str), np.arange(200).astype(str)), "rna", 100, 0)

@@ -152,21 +152,35 @@ def umap_connectivities(indices: np.ndarray, distances: np.ndarray, n_neighbors:
     return (graph + graph.T - product).tocsr()
 
 
-def build_graph(x: np.ndarray, config: GraphConfig) -> sp.csr_matrix:
-    """The symmetric weighted cell graph of the rows of ``x`` (CSR, float32)."""
-    n = x.shape[0]
-    check_neighbors(n, config.n_neighbors)
-    if config.connectivity == "gauss" and not config.knn:
-        graph = gauss_soft(x, config.n_neighbors, config.metric)
-    else:
-        indices, distances = nearest_neighbors(x, config.n_neighbors - 1, config.metric)
-        if config.connectivity == "gauss":
-            graph = gauss_knn(indices, distances)
-        else:
-            graph = umap_connectivities(indices, distances, config.n_neighbors)
+def _finish(graph: sp.csr_matrix) -> sp.csr_matrix:
     graph.sum_duplicates()
     graph.sort_indices()
     return graph.astype(np.float32)
+
+
+def build_graph(x: np.ndarray, config: GraphConfig) -> sp.csr_matrix:
+    """The symmetric weighted cell graph of the rows of ``x`` (CSR, float32)."""
+    check_neighbors(x.shape[0], config.n_neighbors)
+    if config.connectivity == "gauss" and not config.knn:
+        return _finish(gauss_soft(x, config.n_neighbors, config.metric))
+    indices, distances = nearest_neighbors(x, config.n_neighbors - 1, config.metric)
+    if config.connectivity == "gauss":
+        return _finish(gauss_knn(indices, distances))
+    return _finish(umap_connectivities(indices, distances, config.n_neighbors))
+
+
+def build_graphs(x: np.ndarray, config: GraphConfig) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """The cell graph of the rows of ``x`` (:func:`build_graph`), and the graph the
+    standard Leiden pipeline clusters: UMAP connectivities of the same kNN search."""
+    if config.connectivity == "umap" or not config.knn:
+        graph = build_graph(x, config)
+        if config.connectivity == "umap":
+            return graph, graph
+        indices, distances = nearest_neighbors(x, config.n_neighbors - 1, config.metric)
+        return graph, _finish(umap_connectivities(indices, distances, config.n_neighbors))
+    check_neighbors(x.shape[0], config.n_neighbors)
+    indices, distances = nearest_neighbors(x, config.n_neighbors - 1, config.metric)
+    return _finish(gauss_knn(indices, distances)), _finish(umap_connectivities(indices, distances, config.n_neighbors))
 
 
 def gcn_adjacency(graph: sp.csr_matrix, mode: str) -> sp.csr_matrix:

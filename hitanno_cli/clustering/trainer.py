@@ -32,7 +32,7 @@ from hitanno_cli import console
 from hitanno_cli.clustering import losses
 from hitanno_cli.clustering.batching import GraphBatch, make_batch, torch_sparse
 from hitanno_cli.clustering.config import History, TrainConfig
-from hitanno_cli.clustering.graph import GraphConfig, build_graph, gcn_adjacency
+from hitanno_cli.clustering.graph import GraphConfig, build_graphs, gcn_adjacency
 from hitanno_cli.clustering.inference import INFER_CHUNK, assign, embed, graph_input, key_index
 from hitanno_cli.clustering.model import AttentionAE, ModelConfig, Output
 from hitanno_cli.clustering.partition import centroids_of, initial_partition, min_cluster_size
@@ -51,9 +51,12 @@ class Trainer:
         graph_config: GraphConfig,
         cfg: TrainConfig,
         device: torch.device,
+        start_graph: sp.csr_matrix | None = None,
     ) -> None:
         self.model = model.to(device)
         self.data, self.graph, self.graph_config, self.cfg, self.device = data, graph, graph_config, cfg, device
+        # the input-space graph the start falls back to (:func:`.partition.initial_partition`)
+        self.start_graph = graph if start_graph is None else start_graph
         self.adjacency = gcn_adjacency(graph, model.config.adjacency)
         self.n = data.n_cells
         self.rng = np.random.default_rng(cfg.seed)
@@ -196,7 +199,11 @@ class Trainer:
         start = time.perf_counter()
         z = self.embed().cpu().numpy()
         chosen = initial_partition(
-            z, resolution=self.cfg.resolution, graph_config=self.graph_config, seed=self.cfg.seed, cell_graph=self.graph
+            z,
+            resolution=self.cfg.resolution,
+            graph_config=self.graph_config,
+            seed=self.cfg.seed,
+            cell_graph=self.start_graph,
         )
         self.centroids = torch.nn.Parameter(torch.from_numpy(centroids_of(z, chosen.labels)).to(self.device))
         self.history.n_init_clusters = chosen.n_clusters
@@ -313,7 +320,7 @@ def fit(
     else:
         train_index, train_data = np.arange(data.n_cells), data
     start = time.perf_counter()
-    graph = build_graph(graph_input(train_data.features, graph_config, cfg.seed), graph_config)
+    graph, start_graph = build_graphs(graph_input(train_data.features, graph_config, cfg.seed), graph_config)
     graph_seconds = time.perf_counter() - start
     console.info(
         f"cluster: cell graph of {train_data.n_cells} cells, {graph.nnz} edges "
@@ -327,7 +334,15 @@ def fit(
         n_heads=n_heads,
         adjacency=adjacency,
     )
-    trainer = Trainer(AttentionAE(config), train_data, graph=graph, graph_config=graph_config, cfg=cfg, device=device)
+    trainer = Trainer(
+        AttentionAE(config),
+        train_data,
+        graph=graph,
+        graph_config=graph_config,
+        cfg=cfg,
+        device=device,
+        start_graph=start_graph,
+    )
     trainer.history.seconds["graph"] = graph_seconds
     trainer.pretrain()
     init_labels = trainer.init_clusters()
