@@ -2,7 +2,7 @@
 
 For every data set and seed the model is pre-trained once (``hitanno cluster``'s defaults:
 50 epochs in batches of 256 cells, kNN graph on PCA-50 / LSI, the same sampling above
-4 000 cells; ``--pretrain-epochs`` changes the epochs); then each
+4 000 cells; ``--pretrain-epochs`` and ``--pretrain-batch-size`` change them); then each
 rule below gives an initial partition (small clusters merged, centroids = latent means),
 and self-training (DEC, the defaults) runs from it, from the same pre-trained weights and
 the same random state. Reported: the ARI of the start and of the final clusters against
@@ -109,7 +109,13 @@ def load(name: str, seed: int, work: Path):
     return data, modality, np.asarray(data.labels).astype(str)
 
 
-def run(name: str, seed: int, work: Path, pretrain_epochs: int = TrainConfig.pretrain_epochs) -> dict:
+def run(
+    name: str,
+    seed: int,
+    work: Path,
+    pretrain_epochs: int = TrainConfig.pretrain_epochs,
+    pretrain_batch_size: int = TrainConfig.pretrain_batch_size,
+) -> dict:
     """Pre-train once, then self-train from every rule's start."""
     data, modality, truth = load(name, seed, work)
     config = GraphConfig()
@@ -129,7 +135,7 @@ def run(name: str, seed: int, work: Path, pretrain_epochs: int = TrainConfig.pre
         data,
         graph=cell_graph,
         graph_config=config,
-        cfg=TrainConfig(seed=seed, pretrain_epochs=pretrain_epochs),
+        cfg=TrainConfig(seed=seed, pretrain_epochs=pretrain_epochs, pretrain_batch_size=pretrain_batch_size),
         device=torch.device("cpu"),
     )
     trainer.pretrain()
@@ -175,6 +181,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SETS), help="comma-separated data sets")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--pretrain-epochs", type=int, default=TrainConfig.pretrain_epochs)
+    parser.add_argument("--pretrain-batch-size", type=int, default=TrainConfig.pretrain_batch_size)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one run per core)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "cluster_starts")
     parser.add_argument("--out", type=Path, default=RESULTS / "cluster_starts.json")
@@ -188,7 +195,7 @@ def main() -> None:
             continue
         baselines[name] = baseline(data_path(name, args.work), SETS[name][1], SETS[name][2])
         for seed in (int(s) for s in args.seeds.split(",")):
-            results.append(run(name, seed, args.work, args.pretrain_epochs))
+            results.append(run(name, seed, args.work, args.pretrain_epochs, args.pretrain_batch_size))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             report = {"baselines": baselines, "runs": results}
             args.out.write_text(json.dumps(report, indent=1) + "\n")  # what is done so far

@@ -7,9 +7,9 @@ of :data:`RESOLUTIONS` on the latent kNN graph and keeps the partition whose clu
 are best separated in the latent space (highest silhouette; labels are never looked
 at), provided that separation is clear
 (:data:`CLEAR_SILHOUETTE`). Else the latent space holds no clearly separated clusters,
-and the start is the published resolution on the cell graph the model was trained
-with — the standard Leiden pipeline's answer in the input space, which self-training
-then refines (on the latent graph, without a cell graph). Either way, clusters of
+and the start is the published resolution on the input space's graph (``cell_graph``:
+the standard Leiden pipeline's graph, :func:`.graph.build_graphs`), whose answer
+self-training then refines (on the latent graph, without a cell graph). Either way, clusters of
 fewer than :func:`min_cluster_size` cells are then merged into the cluster with the
 nearest centroid: a centroid of three cells only catches noise during self-training.
 """
