@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -24,24 +24,31 @@ def two_d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     n = len(embeddings)
     if n > 3:
         try:
-            import umap  # type: ignore[import-not-found]
+            from umap.umap_ import find_ab_params, simplicial_set_embedding  # type: ignore[import-not-found]
         except ImportError:
             pass
         else:
-            k = min(15, n - 1)
-            knn = _neighbours(embeddings, k)  # exact and quick in a few dimensions; spares UMAP's JIT-compiled search
-            reducer = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, precomputed_knn=knn)
-            with warnings.catch_warnings():  # that a map of these neighbours cannot transform new cells
-                warnings.simplefilter("ignore", UserWarning)
-                return np.asarray(reducer.fit_transform(embeddings)), "UMAP"
+            return _umap(embeddings, min(15, n - 1), seed, find_ab_params, simplicial_set_embedding), "UMAP"
     from sklearn.decomposition import PCA
 
     return PCA(n_components=min(2, n, embeddings.shape[1]), random_state=seed).fit_transform(embeddings), "PCA"
 
 
-def _neighbours(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each point's ``k`` nearest points (itself first) as UMAP's ``(indices, distances)``."""
-    from sklearn.neighbors import NearestNeighbors
+def _umap(points: np.ndarray, k: int, seed: int, find_ab_params: Any, simplicial_set_embedding: Any) -> np.ndarray:
+    """umap-learn's layout with its defaults (spread 1, min_dist 0.1, spectral start) of the
+    fuzzy graph of each point's ``k`` nearest points (itself counted), as ``scanpy.tl.umap``
+    lays out a graph it already has.
 
-    distances, indices = NearestNeighbors(n_neighbors=k).fit(points).kneighbors(points)
-    return indices, distances.astype(np.float32)
+    The graph is :func:`~hitanno_cli.clustering.graph.umap_connectivities` of an exact
+    search: umap-learn's own graph step is compiled anew by numba in every process
+    (seconds, for any number of points)."""
+    from hitanno_cli.clustering.graph import nearest_neighbors, umap_connectivities
+
+    indices, distances = nearest_neighbors(points, k - 1, "euclidean")
+    graph = umap_connectivities(indices, distances, k)
+    a, b = find_ab_params(1.0, 0.1)
+    layout, _ = simplicial_set_embedding(
+        points, graph, 2, 1.0, a, b, 1.0, 5, None, "spectral",
+        np.random.RandomState(seed), "euclidean", {}, False, {}, False,
+    )  # fmt: skip
+    return np.asarray(layout)

@@ -211,6 +211,21 @@ def test_umap_connectivities_solve_the_membership_equation() -> None:
     assert graph.max() <= 1.0 + 1e-12 and np.all(np.diag(graph) == 0)
 
 
+@pytest.mark.slow  # numba compiles umap-learn's graph step (~5 s)
+def test_umap_connectivities_equal_umap_learns_fuzzy_simplicial_set() -> None:
+    """The graph the UMAP picture is laid out from is umap-learn's own, given the same neighbours."""
+    umap_ = pytest.importorskip("umap.umap_")
+    x = np.random.default_rng(3).normal(size=(80, 6)).astype(np.float32)
+    k = 10
+    indices, distances = cg.nearest_neighbors(x, k - 1, "euclidean")
+    ours = cg.umap_connectivities(indices, distances, k).toarray()
+    with_self = np.hstack([np.arange(80)[:, None], indices]), np.hstack([np.zeros((80, 1)), distances])
+    theirs, _, _ = umap_.fuzzy_simplicial_set(
+        x, k, np.random.RandomState(0), "euclidean", knn_indices=with_self[0], knn_dists=with_self[1].astype(np.float32)
+    )
+    np.testing.assert_allclose(ours, theirs.toarray(), atol=1e-5)
+
+
 @pytest.mark.parametrize(("connectivity", "knn"), [("gauss", True), ("gauss", False), ("umap", True)])
 def test_build_graphs_gives_the_cell_graph_and_the_standard_pipelines_graph(connectivity: str, knn: bool) -> None:
     """The second graph is the UMAP connectivities of the same kNN search, whatever the
