@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
@@ -24,17 +23,17 @@ def two_d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     n = len(embeddings)
     if n > 3:
         try:
-            from umap.umap_ import find_ab_params, simplicial_set_embedding  # type: ignore[import-not-found]
+            import umap  # type: ignore[import-not-found]  # noqa: F401
         except ImportError:
             pass
         else:
-            return _umap(embeddings, min(15, n - 1), seed, find_ab_params, simplicial_set_embedding), "UMAP"
+            return _umap(embeddings, min(15, n - 1), seed), "UMAP"
     from sklearn.decomposition import PCA
 
     return PCA(n_components=min(2, n, embeddings.shape[1]), random_state=seed).fit_transform(embeddings), "PCA"
 
 
-def _umap(points: np.ndarray, k: int, seed: int, find_ab_params: Any, simplicial_set_embedding: Any) -> np.ndarray:
+def _umap(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     """umap-learn's layout with its defaults (spread 1, min_dist 0.1, spectral start) of the
     fuzzy graph of each point's ``k`` nearest points (itself counted), as ``scanpy.tl.umap``
     lays out a graph it already has.
@@ -42,6 +41,8 @@ def _umap(points: np.ndarray, k: int, seed: int, find_ab_params: Any, simplicial
     The graph is :func:`~hitanno_cli.clustering.graph.umap_connectivities` of an exact
     search: umap-learn's own graph step is compiled anew by numba in every process
     (seconds, for any number of points)."""
+    from umap.umap_ import find_ab_params, simplicial_set_embedding  # type: ignore[import-not-found]
+
     from hitanno_cli.clustering.graph import nearest_neighbors, umap_connectivities
 
     indices, distances = nearest_neighbors(points, k - 1, "euclidean")
