@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from types import ModuleType
 
 import numpy as np
@@ -21,13 +22,8 @@ def two_d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """A 2-D map of embeddings and its method: UMAP (15 neighbours, as scanpy), or PCA where
     UMAP cannot run (too few cells, or umap-learn missing), which the caller's caption says."""
     n = len(embeddings)
-    if n > 3:
-        try:
-            import umap  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return _umap(embeddings, min(15, n - 1), seed), "UMAP"
+    if n > 3 and importlib.util.find_spec("umap") is not None:
+        return _umap(embeddings, min(15, n - 1), seed), "UMAP"
     from sklearn.decomposition import PCA
 
     return PCA(n_components=min(2, n, embeddings.shape[1]), random_state=seed).fit_transform(embeddings), "PCA"
@@ -49,7 +45,21 @@ def _umap(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     graph = umap_connectivities(indices, distances, k)
     a, b = find_ab_params(1.0, 0.1)
     layout, _ = simplicial_set_embedding(
-        points, graph, 2, 1.0, a, b, 1.0, 5, None, "spectral",
-        np.random.RandomState(seed), "euclidean", {}, False, {}, False,
-    )  # fmt: skip
+        data=points,
+        graph=graph,
+        n_components=2,
+        initial_alpha=1.0,
+        a=a,
+        b=b,
+        gamma=1.0,
+        negative_sample_rate=5,
+        n_epochs=None,  # umap-learn's default: 500 up to 10 000 points, 200 above
+        init="spectral",
+        random_state=np.random.RandomState(seed),
+        metric="euclidean",
+        metric_kwds={},
+        densmap=False,
+        densmap_kwds={},
+        output_dens=False,
+    )
     return np.asarray(layout)

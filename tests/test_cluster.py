@@ -219,9 +219,10 @@ def test_umap_connectivities_equal_umap_learns_fuzzy_simplicial_set() -> None:
     k = 10
     indices, distances = cg.nearest_neighbors(x, k - 1, "euclidean")
     ours = cg.umap_connectivities(indices, distances, k).toarray()
-    with_self = np.hstack([np.arange(80)[:, None], indices]), np.hstack([np.zeros((80, 1)), distances])
+    knn_indices = np.hstack([np.arange(80)[:, None], indices])  # umap-learn lists each point first
+    knn_dists = np.hstack([np.zeros((80, 1)), distances]).astype(np.float32)
     theirs, _, _ = umap_.fuzzy_simplicial_set(
-        x, k, np.random.RandomState(0), "euclidean", knn_indices=with_self[0], knn_dists=with_self[1].astype(np.float32)
+        x, k, np.random.RandomState(0), "euclidean", knn_indices=knn_indices, knn_dists=knn_dists
     )
     np.testing.assert_allclose(ours, theirs.toarray(), atol=1e-5)
 
